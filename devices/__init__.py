@@ -1,0 +1,1 @@
+"""Device harnesses for benchmarks (installed as transact_edge.devices)."""

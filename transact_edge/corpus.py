@@ -1,0 +1,107 @@
+"""Text for calibration, recovery training and evaluation, cut into fixed-length token windows.
+
+The default corpus ships in transact_edge/data (a cleaned Wikipedia excerpt, CC BY-SA; see
+data/ATTRIBUTION.md), split by page into a calibration/training part and a held-out part.
+`--calib PATH` takes a .txt file, a .jsonl file with a "text" field, or a directory saved with
+`datasets.Dataset.save_to_disk` (when the datasets package is installed).
+"""
+from __future__ import annotations
+
+import gzip
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+DEFAULT = "wiki"  # the shipped corpus
+
+
+def default_texts(split: str) -> list[str]:
+    """Pages of the shipped corpus: split 'train' (calibration + recovery) or 'eval' (held out)."""
+    with resources.files("transact_edge").joinpath(f"data/wiki_{split}.jsonl.gz").open("rb") as raw:
+        with gzip.open(raw, "rt", encoding="utf-8") as f:
+            return [json.loads(line)["text"] for line in f]
+
+
+def _read_text_file(path: Path) -> list[str]:
+    data = path.read_bytes()
+    if b"\x00" in data[:65536]:
+        raise UserError(f"{path}: looks binary; expected UTF-8 text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    if path.suffix == ".jsonl":
+        texts = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(json.loads(line)["text"])
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{path}:{n}: expected a JSON object with a \"text\" field") from None
+        return texts
+    return [text]
+
+
+def _read_dataset_dir(path: Path) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"{path}: reading a saved dataset directory needs the datasets package") from None
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise UserError(f"{path}: not a dataset saved with save_to_disk ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    if "text" not in ds.column_names:
+        raise UserError(f"{path}: dataset has no 'text' column (columns: {', '.join(ds.column_names)})")
+    return list(ds["text"])
+
+
+def read_texts(spec: str, split: str = "train") -> list[str]:
+    """Documents named by a --calib value: 'wiki' (shipped) or a path."""
+    if spec == DEFAULT:
+        return default_texts(split)
+    path = Path(spec)
+    if not path.exists():
+        raise UserError(f"{spec}: no such calibration file or directory")
+    texts = _read_dataset_dir(path) if path.is_dir() else _read_text_file(path)
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise UserError(f"{spec}: no text in calibration data")
+    return texts
+
+
+def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
+    """All documents tokenized in one batched call and joined by EOS: a 1-D LongTensor."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    joined: list[int] = []
+    for doc in ids:
+        joined.extend(doc)
+        if eos is not None:
+            joined.append(eos)
+    return torch.tensor(joined, dtype=torch.long)
+
+
+def windows(ids: torch.Tensor, seq_len: int, n: int | None = None, seed: int | None = None) -> torch.Tensor:
+    """(n, seq_len) non-overlapping windows; the first n in order, or n drawn with `seed`."""
+    if seq_len < 2:
+        raise UserError(f"--seq-len must be at least 2, got {seq_len}")
+    total = ids.numel() // seq_len
+    if total == 0:
+        raise UserError(f"calibration text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    all_windows = ids[: total * seq_len].view(total, seq_len)  # (total, seq_len)
+    if n is None:
+        return all_windows
+    if seed is None:
+        return all_windows[:n] if n <= total else all_windows[torch.arange(n) % total]
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(total, generator=g)
+    idx = idx[torch.arange(n) % total]  # wraps around (repeats windows) only when n > total
+    return all_windows[idx]
