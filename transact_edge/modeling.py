@@ -38,12 +38,20 @@ def _per_layer_init(self, config) -> None:
     self.post_init()
 
 
+def _validate_architecture(self) -> None:
+    """Pruned widths need not divide hidden_size; what must hold is GQA's grouping in every layer."""
+    for il, s in enumerate(layer_shapes(self)):
+        if s.n_kv_head <= 0 or s.n_head % s.n_kv_head:
+            raise ValueError(f"layer {il}: n_head {s.n_head} is not a multiple of n_kv_head {s.n_kv_head}")
+
+
 def _make_classes(family) -> tuple[type, type]:
     base_cfg = getattr(transformers, family.config_class)
     base_model = getattr(transformers, family.model_class)
     name = "TransAct" + family.model_class.removesuffix("ForCausalLM")
     cfg_cls = type(f"{name}Config", (base_cfg,), {
         "model_type": PER_LAYER_PREFIX + family.model_type,
+        "validate_architecture": _validate_architecture,
         "__doc__": f"{family.config_class} with per-layer head counts and MLP widths.",
     })
     model_cls = type(f"{name}ForCausalLM", (base_model,), {

@@ -1,0 +1,61 @@
+"""Forward-only statistics of the transitional activations (TransAct, arXiv 2407.05690, §3).
+
+A pre-forward hook on each layer's o_proj sees the concatenated attention heads; one on down_proj
+sees act(gate(x)) * up(x). Each hook adds the per-channel sum of squares of its input, in float64,
+over every token of every batch: s_j^2 = sum_t a_j(t)^2. Nothing else is kept.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class Stats:
+    mha: list[torch.Tensor]  # per layer, (n_head * head_dim,) float64 sums of squares
+    mlp: list[torch.Tensor]  # per layer, (ffn_dim,) float64 sums of squares
+    tokens: int
+
+
+def _accumulator(acc: torch.Tensor):
+    def hook(module, args):
+        x = args[0].detach().reshape(-1, acc.numel()).to(torch.float64)  # (B*T, C)
+        acc.add_(torch.einsum("tc,tc->c", x, x))
+    return hook
+
+
+@contextmanager
+def hooked(model) -> Stats:
+    """Hooks on every layer's transitional activations; removed on exit even after an error."""
+    layers = model.model.layers
+    stats = Stats(
+        mha=[torch.zeros(l.self_attn.o_proj.in_features, dtype=torch.float64) for l in layers],
+        mlp=[torch.zeros(l.mlp.down_proj.in_features, dtype=torch.float64) for l in layers],
+        tokens=0,
+    )
+    handles = []
+    for layer, mha, mlp in zip(layers, stats.mha, stats.mlp):
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(_accumulator(mha)))
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(_accumulator(mlp)))
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.inference_mode()
+def collect(model, windows: torch.Tensor, batch_size: int = 8, desc: str = "salience") -> Stats:
+    """Run `windows` (N, T) through the model in batches and return the summed statistics."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with hooked(model) as stats:
+        for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch", leave=False):
+            model.model(input_ids=batch.to(device), use_cache=False)  # the LM head is not needed
+            stats.tokens += batch.numel()
+    model.train(was_training)
+    return stats

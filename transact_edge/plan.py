@@ -1,0 +1,179 @@
+"""Which widths each shot aims for, and which heads/channels survive: data, replayable.
+
+Widths. The final target is uniform (the paper's architecture): n_kv_head KV groups with
+n_head / n_kv_head query heads each, and ffn_dim MLP channels, rounded to a multiple of `round_to`.
+Each shot steps towards it by the reference rule next = cur - (cur - target) // remaining, applied to
+KV groups, query heads per group and MLP channels (MLP rounded up to `round_to`).
+
+Per-layer widths (`--per-layer`): the same total budget as the uniform widths of the shot, shared
+out across layers by salience. Units are KV groups (with their query heads) and blocks of `round_to`
+MLP channels. A unit's gain is its share of its layer's energy (sum of s_j^2, or of group scores for
+attention); the units with the largest gains win, so a layer whose activations are spread evenly
+keeps more than one whose energy sits in a few channels. Each layer keeps between half and twice the
+uniform width (never more than it has, never less than one unit).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from . import salience
+from .calibration import Stats
+from .errors import UserError
+from .shapes import LayerShape
+
+
+@dataclass(frozen=True)
+class WidthRequest:
+    """What the user asked for; at most one of each pair is set."""
+    heads: int | None = None
+    kv_heads: int | None = None
+    mlp: int | None = None
+    attn_ratio: float | None = None
+    mlp_ratio: float | None = None
+    round_to: int = 32
+
+
+@dataclass
+class LayerPlan:
+    """Kept indices of one layer, in the layer's current numbering, ascending."""
+    kv_heads: list[int]
+    heads: list[int]
+    channels: list[int]
+
+    @property
+    def shape(self) -> LayerShape:
+        return LayerShape(len(self.heads), len(self.kv_heads), len(self.channels))
+
+
+def _check_ratio(name: str, r: float | None) -> None:
+    if r is not None and not 0.0 < r <= 1.0:
+        raise UserError(f"{name} must be in (0, 1], got {r}")
+
+
+def _round_up(x: int, unit: int, cap: int) -> int:
+    return min(cap, max(unit, math.ceil(x / unit) * unit)) if cap >= unit else cap
+
+
+def target(dense: LayerShape, req: WidthRequest) -> LayerShape:
+    """The uniform final widths for a model whose (largest) layer is `dense`."""
+    _check_ratio("--attn-ratio", req.attn_ratio)
+    _check_ratio("--mlp-ratio", req.mlp_ratio)
+    if req.round_to <= 0:
+        raise UserError(f"--round-to must be positive, got {req.round_to}")
+    if req.heads is not None and req.attn_ratio is not None:
+        raise UserError("give --heads/--kv-heads or --attn-ratio, not both")
+    if req.mlp is not None and req.mlp_ratio is not None:
+        raise UserError("give --mlp or --mlp-ratio, not both")
+    group = dense.n_head // dense.n_kv_head  # query heads per KV group
+    kv = req.kv_heads
+    if req.attn_ratio is not None:  # the ratio removes whole KV groups: the KV cache shrinks with it
+        kv = max(1, round(req.attn_ratio * dense.n_kv_head))
+    if kv is None:
+        kv = dense.n_kv_head
+    heads = req.heads if req.heads is not None else kv * group
+    if not 1 <= kv <= dense.n_kv_head:
+        raise UserError(f"--kv-heads must be between 1 and {dense.n_kv_head}, got {kv}")
+    if not 1 <= heads <= kv * group or heads % kv:
+        raise UserError(f"--heads must be a multiple of the {kv} KV heads kept, at most {kv * group} "
+                        f"({group} query heads per KV group), got {heads}")
+    ffn = dense.ffn_dim
+    if req.mlp is not None:
+        if not 1 <= req.mlp <= dense.ffn_dim:
+            raise UserError(f"--mlp must be between 1 and {dense.ffn_dim}, got {req.mlp}")
+        ffn = req.mlp
+    elif req.mlp_ratio is not None:
+        ffn = _round_up(round(req.mlp_ratio * dense.ffn_dim), req.round_to, dense.ffn_dim)
+    return LayerShape(heads, kv, ffn)
+
+
+def step(cur: LayerShape, tgt: LayerShape, remaining: int, round_to: int) -> LayerShape:
+    """One shot of the reference schedule from `cur` towards `tgt` with `remaining` shots left."""
+    def go(c: int, t: int) -> int:
+        return c - (c - t) // remaining
+    kv = go(cur.n_kv_head, tgt.n_kv_head)
+    group = go(cur.n_head // cur.n_kv_head, tgt.n_head // tgt.n_kv_head)
+    ffn = go(cur.ffn_dim, tgt.ffn_dim)
+    if remaining > 1:
+        ffn = max(tgt.ffn_dim, _round_up(ffn, round_to, cur.ffn_dim))
+    return LayerShape(kv * group, kv, ffn)
+
+
+def _allocate(gains: list[torch.Tensor], lo: list[int], hi: list[int], total: int) -> list[int]:
+    """Units per layer: each layer's `lo` first, then the globally largest remaining gains."""
+    counts = list(lo)
+    left = total - sum(lo)
+    candidates = [(float(g), il) for il, layer in enumerate(gains) for g in layer[lo[il]:hi[il]]]
+    candidates.sort(key=lambda c: -c[0])  # gains fall within a layer, so each layer takes a prefix
+    for _, il in candidates[:max(0, left)]:
+        counts[il] += 1
+    return counts
+
+
+def per_layer_widths(stats: Stats, shapes: list[LayerShape], uniform: LayerShape, round_to: int) -> list[LayerShape]:
+    """Per-layer widths with the total of `uniform` in every layer, shared out by salience."""
+    n_layer = len(shapes)
+    group = uniform.n_head // uniform.n_kv_head
+    att_gain, mlp_gain = [], []
+    for s, mha, mlp in zip(shapes, stats.mha, stats.mlp):
+        g = salience.group_scores(salience.head_scores(salience.channel_scores(mha), s.n_head), s.n_kv_head)
+        att_gain.append(torch.sort(g / g.sum(), descending=True).values)
+        e = torch.sort(mlp / mlp.sum(), descending=True).values
+        pad = (-e.numel()) % round_to
+        blocks = torch.nn.functional.pad(e, (0, pad)).view(-1, round_to).sum(dim=1)  # (n_blocks,)
+        mlp_gain.append(blocks)
+    kv = _allocate(
+        att_gain,
+        lo=[min(s.n_kv_head, max(1, uniform.n_kv_head // 2)) for s in shapes],
+        hi=[min(s.n_kv_head, 2 * uniform.n_kv_head) for s in shapes],
+        total=n_layer * uniform.n_kv_head,
+    )
+    unit_target = uniform.ffn_dim / round_to
+    blocks = _allocate(
+        mlp_gain,
+        lo=[min(math.ceil(s.ffn_dim / round_to), max(1, math.floor(unit_target / 2))) for s in shapes],
+        hi=[min(math.ceil(s.ffn_dim / round_to), math.ceil(2 * unit_target)) for s in shapes],
+        total=round(n_layer * unit_target),
+    )
+    return [LayerShape(k * group, k, min(s.ffn_dim, b * round_to)) for k, b, s in zip(kv, blocks, shapes)]
+
+
+def _top(scores: torch.Tensor, k: int) -> list[int]:
+    return sorted(torch.topk(scores, k).indices.tolist())
+
+
+def select(stats: Stats, shapes: list[LayerShape], new: list[LayerShape]) -> list[LayerPlan]:
+    """Kept KV groups, query heads (evenly inside each kept group) and MLP channels per layer."""
+    plans = []
+    for s, n, mha, mlp in zip(shapes, new, stats.mha, stats.mlp):
+        heads = salience.head_scores(salience.channel_scores(mha), s.n_head)  # (n_head,)
+        kv = _top(salience.group_scores(heads, s.n_kv_head), n.n_kv_head)
+        cur_group, new_group = s.n_head // s.n_kv_head, n.n_head // n.n_kv_head
+        kept_heads = []
+        for g in kv:  # groups ascending, heads ascending inside: head h -> KV head h // new_group holds
+            members = heads[g * cur_group:(g + 1) * cur_group]
+            kept_heads += [g * cur_group + i for i in _top(members, new_group)]
+        plans.append(LayerPlan(kv, kept_heads, _top(salience.channel_scores(mlp), n.ffn_dim)))
+    return plans
+
+
+@dataclass
+class Lineage:
+    """Kept indices of every layer in the *original* model's numbering, composed across shots."""
+    kv_heads: list[list[int]]
+    heads: list[list[int]]
+    channels: list[list[int]]
+    shots: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def dense(cls, shapes: list[LayerShape]) -> "Lineage":
+        return cls([list(range(s.n_kv_head)) for s in shapes], [list(range(s.n_head)) for s in shapes],
+                   [list(range(s.ffn_dim)) for s in shapes])
+
+    def apply(self, plans: list[LayerPlan]) -> None:
+        for il, p in enumerate(plans):
+            self.kv_heads[il] = [self.kv_heads[il][i] for i in p.kv_heads]
+            self.heads[il] = [self.heads[il][i] for i in p.heads]
+            self.channels[il] = [self.channels[il][i] for i in p.channels]

@@ -1,0 +1,116 @@
+"""Cut heads and channels: a state-dict transform plus a fresh model built from the new config.
+
+Symmetric by construction: q rows / o columns by query head, k and v rows by KV head, gate and up
+rows / down columns by MLP channel. Plans are validated before any weight is touched, and the
+new model loads the cut weights with strict=True, so every key's shape is checked.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import transformers
+from huggingface_hub.errors import StrictDataclassClassValidationError
+
+from .arch import HEAD_COLS, HEAD_ROWS, KV_ROWS, MLP_COLS, MLP_ROWS, family_of
+from .errors import UserError
+from .modeling import PER_LAYER_CLASSES
+from .plan import LayerPlan
+from .shapes import GLOBAL_KEYS, PER_LAYER_KEYS, LayerShape, head_dim, is_uniform, layer_shapes
+
+log = logging.getLogger(__name__)
+
+
+def validate(plans: list[LayerPlan], shapes: list[LayerShape]) -> None:
+    """Indices unique, ascending, in range; query heads evenly inside kept KV groups."""
+    if len(plans) != len(shapes):
+        raise UserError(f"plan has {len(plans)} layers, model has {len(shapes)}")
+    for il, (p, s) in enumerate(zip(plans, shapes)):
+        for name, idx, n in (("kv_heads", p.kv_heads, s.n_kv_head), ("heads", p.heads, s.n_head),
+                             ("channels", p.channels, s.ffn_dim)):
+            if not idx or idx != sorted(set(idx)) or idx[0] < 0 or idx[-1] >= n:
+                raise UserError(f"layer {il}: {name} must be ascending unique indices in [0, {n}), got {idx[:8]}...")
+        group = s.n_head // s.n_kv_head
+        per_group = {g: sum(1 for h in p.heads if h // group == g) for g in p.kv_heads}
+        if any(h // group not in per_group for h in p.heads) or len(set(per_group.values())) != 1:
+            raise UserError(f"layer {il}: query heads must sit evenly inside the kept KV groups")
+
+
+def _rows(idx: list[int], width: int) -> torch.Tensor:
+    """Row indices of whole units (heads) of `width` rows each."""
+    base = torch.tensor(idx, dtype=torch.long)[:, None] * width
+    return (base + torch.arange(width)).reshape(-1)
+
+
+def _cut_layer(sd: dict, prefix: str, p: LayerPlan, hd: int) -> None:
+    heads, kv, ch = _rows(p.heads, hd), _rows(p.kv_heads, hd), torch.tensor(p.channels)
+    for names, idx in ((HEAD_ROWS, heads), (KV_ROWS, kv)):
+        for n in names:
+            for kind in ("weight", "bias"):
+                key = f"{prefix}.self_attn.{n}.{kind}"
+                if key in sd:
+                    sd[key] = sd[key].index_select(0, idx)
+    for n in HEAD_COLS:
+        key = f"{prefix}.self_attn.{n}.weight"
+        sd[key] = sd[key].index_select(1, heads)
+    for n in MLP_ROWS:
+        for kind in ("weight", "bias"):
+            key = f"{prefix}.mlp.{n}.{kind}"
+            if key in sd:
+                sd[key] = sd[key].index_select(0, ch)
+    for n in MLP_COLS:
+        key = f"{prefix}.mlp.{n}.weight"
+        sd[key] = sd[key].index_select(1, ch)
+
+
+def config_for(config, shapes: list[LayerShape]):
+    """A stock family config when widths are uniform, else the per-layer variant."""
+    family = family_of(config.model_type)
+    d = config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", *PER_LAYER_KEYS.values()):
+        d.pop(key, None)
+    d["head_dim"] = head_dim(config)  # explicit: no longer hidden_size / num_attention_heads
+    for field, key in GLOBAL_KEYS.items():
+        d[key] = max(getattr(s, field) for s in shapes)
+    cfg = None
+    if is_uniform(shapes):
+        try:
+            cfg = getattr(transformers, family.config_class)(**d)
+        except StrictDataclassClassValidationError:
+            # e.g. transformers' LlamaConfig insists that n_head divides hidden_size, which pruned
+            # widths need not do: such a model is saved as the per-layer variant (same weights).
+            log.warning("the stock %s refuses these widths; saving as the per-layer variant", family.config_class)
+    if cfg is None:
+        for field, key in PER_LAYER_KEYS.items():
+            d[key] = [getattr(s, field) for s in shapes]
+        cfg = PER_LAYER_CLASSES[family.model_type][0](**d)
+    cfg._attn_implementation = config._attn_implementation
+    return cfg
+
+
+def model_class(config):
+    family = family_of(config.model_type)
+    if config.model_type == family.model_type:
+        return getattr(transformers, family.model_class)
+    return PER_LAYER_CLASSES[family.model_type][1]
+
+
+def cut(model, plans: list[LayerPlan]):
+    """A new model holding only the planned heads and channels; `model` itself is left as it was."""
+    shapes = layer_shapes(model.config)
+    validate(plans, shapes)
+    hd = head_dim(model.config)
+    sd = dict(model.state_dict())
+    for il, p in enumerate(plans):
+        _cut_layer(sd, f"model.layers.{il}", p, hd)
+    cfg = config_for(model.config, [p.shape for p in plans])
+    with torch.device("meta"):
+        new = model_class(cfg)(cfg)
+    new.load_state_dict(sd, strict=True, assign=True)
+    for name, buf in model.named_buffers():  # rotary tables etc.: not in the state dict, unchanged by pruning
+        owner, _, leaf = name.rpartition(".")
+        new.get_submodule(owner).register_buffer(leaf, buf, persistent=False)
+    new.tie_weights()
+    new.to(next(model.parameters()).device)
+    new.train(model.training)
+    return new
