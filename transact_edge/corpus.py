@@ -89,6 +89,11 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor(joined, dtype=torch.long)
 
 
+def stream(tokenizer, spec: str = DEFAULT, split: str = "train") -> torch.Tensor:
+    """Token stream of a corpus: documents of `spec` (see read_texts) tokenized and joined."""
+    return token_stream(tokenizer, read_texts(spec, split))
+
+
 def windows(ids: torch.Tensor, seq_len: int, n: int | None = None, seed: int | None = None) -> torch.Tensor:
     """(n, seq_len) non-overlapping windows; the first n in order, or n drawn with `seed`."""
     if seq_len < 2:

@@ -125,6 +125,19 @@ def resolve(source: str) -> Path:
     return path
 
 
+def read_config(source: str):
+    """The config of a directory or embedded model without reading weights; None for GGUF files."""
+    from transformers import AutoConfig
+
+    from . import modeling  # noqa: F401
+
+    path = resolve(source)
+    if path.is_file():
+        return None
+    check_hf_dir(path)
+    return AutoConfig.from_pretrained(path)
+
+
 def load(source: str, dtype: torch.dtype = torch.float32) -> Loaded:
     """Model (eval mode) and tokenizer from a directory, a .gguf file, or an embedded name."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

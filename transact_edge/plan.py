@@ -57,8 +57,8 @@ def _round_up(x: int, unit: int, cap: int) -> int:
     return min(cap, max(unit, math.ceil(x / unit) * unit)) if cap >= unit else cap
 
 
-def target(dense: LayerShape, req: WidthRequest) -> LayerShape:
-    """The uniform final widths for a model whose (largest) layer is `dense`."""
+def check_request(req: WidthRequest) -> None:
+    """What can be checked without the model."""
     _check_ratio("--attn-ratio", req.attn_ratio)
     _check_ratio("--mlp-ratio", req.mlp_ratio)
     if req.round_to <= 0:
@@ -67,6 +67,11 @@ def target(dense: LayerShape, req: WidthRequest) -> LayerShape:
         raise UserError("give --heads/--kv-heads or --attn-ratio, not both")
     if req.mlp is not None and req.mlp_ratio is not None:
         raise UserError("give --mlp or --mlp-ratio, not both")
+
+
+def target(dense: LayerShape, req: WidthRequest) -> LayerShape:
+    """The uniform final widths for a model whose (largest) layer is `dense`."""
+    check_request(req)
     group = dense.n_head // dense.n_kv_head  # query heads per KV group
     kv = req.kv_heads
     if req.attn_ratio is not None:  # the ratio removes whole KV groups: the KV cache shrinks with it

@@ -1,0 +1,58 @@
+"""Output directories written atomically: build in a temporary sibling, then rename into place.
+
+A pruned checkpoint is what `save_pretrained` writes (safetensors, config.json, tokenizer files)
+plus `transact.json`, the record of what was done.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .errors import UserError
+
+REPORT = "transact.json"
+
+
+def check_output(final: Path, force: bool) -> None:
+    """Refuse an existing output unless --force; refuse a parent that does not exist."""
+    if final.exists() and not force:
+        raise UserError(f"{final}: already exists (use --force to replace it)")
+    if not final.parent.is_dir():
+        raise UserError(f"{final.parent}: output's parent directory does not exist")
+
+
+@contextmanager
+def atomic_dir(final: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `final`; on success it replaces `final`, on error it is removed."""
+    check_output(final, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # --force: move the old one aside first so `final` is never half-written
+        trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, trash / "old")
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def save(directory: Path, model, tokenizer, report: dict | None = None) -> None:
+    """save_pretrained (safetensors) of model and tokenizer, plus transact.json."""
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    if report is not None:
+        (directory / REPORT).write_text(json.dumps(report, indent=1))
+
+
+def read_report(directory: Path) -> dict | None:
+    path = directory / REPORT
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,0 +1,189 @@
+"""Command line: transact-edge prune | eval | inspect | demo.
+
+Each subcommand parses its arguments into the library's option dataclass and calls one library
+function. Heavy imports happen inside the handlers. Only this module turns errors into exit codes:
+bad input prints one line on stderr and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, status 2 (argparse's default prints the usage too)
+        raise UserError(message)
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _add_prune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="Hugging Face directory, .gguf file, or embedded name (default: smollm2-135m)")
+    p.add_argument("--out", type=Path, required=True, help="output directory (written atomically)")
+    w = p.add_argument_group("widths (uniform in every layer unless --per-layer)")
+    w.add_argument("--heads", type=int, help="query heads to keep (a multiple of the KV heads kept)")
+    w.add_argument("--kv-heads", type=int, help="KV heads (GQA groups) to keep; shrinks the KV cache")
+    w.add_argument("--attn-ratio", type=float, help="fraction of KV groups to keep, in (0, 1]")
+    w.add_argument("--mlp", type=int, help="MLP channels to keep")
+    w.add_argument("--mlp-ratio", type=float, help="fraction of MLP channels to keep, in (0, 1]")
+    w.add_argument("--round-to", type=int, default=32, help="MLP widths in multiples of this (256 suits K-quants)")
+    w.add_argument("--per-layer", action="store_true", help="let widths differ per layer (salience allocation)")
+    s = p.add_argument_group("schedule")
+    s.add_argument("--shots", type=int, default=1, help="iterative pruning shots (reference: 8)")
+    s.add_argument("--train-tokens", type=_positive_int, default=0, help="recovery-training tokens over all shots")
+    s.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of recovery training")
+    s.add_argument("--calib", default="wiki", help="'wiki' (shipped) or a .txt/.jsonl file or dataset directory")
+    s.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+    s.add_argument("--seq-len", type=int, default=2048, help="tokens per calibration/training window")
+    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--eval", action="store_true", help="held-out perplexity before and after")
+    p.add_argument("--eval-tokens", type=int, help="cap on held-out tokens scored")
+    p.add_argument("--resume", action="store_true", help="continue after the last finished shot")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+
+def _prune_options(a: argparse.Namespace):
+    from .plan import WidthRequest
+    from .prune import PruneOptions
+
+    return PruneOptions(
+        model=a.model, out=a.out,
+        widths=WidthRequest(a.heads, a.kv_heads, a.mlp, a.attn_ratio, a.mlp_ratio, a.round_to),
+        per_layer=a.per_layer, shots=a.shots, train_tokens=a.train_tokens, calib=a.calib,
+        calib_samples=a.calib_samples, seq_len=a.seq_len, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+        eval=a.eval, eval_tokens=a.eval_tokens, resume=a.resume, force=a.force, device=a.device)
+
+
+def cmd_prune(a: argparse.Namespace) -> int:
+    from .prune import prune
+
+    report = prune(_prune_options(a))
+    print(_summary_table({"dense": report["dense"], "pruned": report["pruned"]}, report))
+    print(f"wrote {a.out}")
+    return 0
+
+
+def _summary_table(rows: dict, report: dict) -> str:
+    lines = ["| model | params | heads / KV heads | MLP | KV bytes/token (f16) | perplexity |",
+             "|---|---:|---|---|---:|---:|"]
+    for name, s in rows.items():
+        layers = s["layers"]
+        heads = sorted({(l["n_head"], l["n_kv_head"]) for l in layers})
+        mlp = sorted({l["ffn_dim"] for l in layers})
+        ppl = report.get(f"perplexity_{'before' if name == 'dense' else 'after'}")
+        lines.append(f"| {name} | {s['params']:,} | {', '.join(f'{h}/{k}' for h, k in heads)} | "
+                     f"{mlp[0] if len(mlp) == 1 else f'{mlp[0]}..{mlp[-1]}'} | {s['kv_bytes_per_token_f16']:,} | "
+                     f"{ppl['ppl']:.2f} |" if ppl else "- |")
+    ppl = report.get("perplexity_after")
+    if ppl:
+        lines.append(f"\nperplexity protocol: {ppl['text']}, window {ppl['window']}, stride {ppl['stride']}, "
+                     f"{ppl['tokens']} tokens scored")
+    return "\n".join(lines)
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from . import corpus
+    from .evaluate import perplexity
+    from .loading import load
+
+    if not a.ppl:
+        raise UserError("eval: nothing to do; give --ppl")
+    loaded = load(a.path)
+    if a.text == corpus.DEFAULT:
+        ids, name = corpus.stream(loaded.tokenizer, corpus.DEFAULT, "eval"), "shipped Wikipedia held-out pages"
+    else:
+        ids, name = corpus.token_stream(loaded.tokenizer, corpus.read_texts(a.text)), a.text
+    result = perplexity(loaded.model, ids, a.window, a.stride, a.max_tokens, a.batch_size, text=name)
+    print(f"{a.path}: {result.line()} [runtime: torch]")
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from .inspect import as_json, describe, render
+
+    info = describe(a.path)
+    print(as_json(info) if a.json else render(info))
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    """The whole chain on the embedded model with a budget that fits a few minutes on 2 cores."""
+    from .prune import prune
+
+    opts = _prune_options(a)
+    print(f"demo: pruning {opts.model} to {opts.widths.kv_heads} KV heads and MLP x{opts.widths.mlp_ratio} "
+          f"in {opts.shots} shots, {opts.train_tokens} recovery tokens, writing {opts.out}", flush=True)
+    report = prune(opts)
+    print(_summary_table({"dense": report["dense"], "pruned": report["pruned"]}, report))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="transact-edge", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("prune", help="prune a model with TransAct")
+    _add_prune_args(p)
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("eval", help="evaluate a model")
+    p.add_argument("path", help="checkpoint directory, .gguf file or embedded name")
+    p.add_argument("--ppl", action="store_true", help="perplexity on held-out text")
+    p.add_argument("--text", default="wiki", help="'wiki' (shipped held-out pages) or a .txt/.jsonl file")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--stride", type=int, help="default: the window (disjoint windows)")
+    p.add_argument("--max-tokens", type=int, help="cap on tokens read from the text")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("inspect", help="per-layer widths, parameters and KV bytes of a checkpoint or GGUF")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("demo", help="prune the embedded SmolLM2-135M and compare before/after")
+    _add_prune_args(p)
+    p.set_defaults(func=cmd_demo, out=Path("transact-demo"), kv_heads=2, mlp_ratio=0.5, shots=2,
+                   train_tokens=16384, calib_samples=16, seq_len=512, eval=True, eval_tokens=8192, force=True)
+    for action in p._actions:  # --out has a default here
+        if action.dest == "out":
+            action.required = False
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(name)s: %(message)s")
+        logging.getLogger("transact_edge").setLevel(logging.INFO)
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # our own bars cover the long steps
+        return args.func(args)
+    except UserError as e:
+        print(f"transact-edge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("transact-edge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

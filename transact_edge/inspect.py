@@ -1,0 +1,86 @@
+"""What a checkpoint or GGUF file holds: per-layer widths, parameters, KV-cache bytes per token."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .checkpoint import read_report
+from .errors import UserError
+from .loading import check_gguf, check_hf_dir, resolve
+from .shapes import LayerShape, head_dim, kv_bytes_per_token, layer_shapes
+
+
+def _gguf(path: Path) -> dict:
+    import gguf
+
+    arch = check_gguf(path)
+    reader = gguf.GGUFReader(path)
+
+    def field(key: str, default=None):
+        f = reader.get_field(f"{arch}.{key}")
+        return default if f is None else f.contents()
+
+    n_layer = field("block_count")
+    cols = {}
+    for name, key in (("n_head", "attention.head_count"), ("n_kv_head", "attention.head_count_kv"),
+                      ("ffn_dim", "feed_forward_length")):
+        v = field(key, cols.get("n_head"))
+        cols[name] = v if isinstance(v, list) else [v] * n_layer
+    n_head0 = max(cols["n_head"])
+    hd = field("attention.key_length") or field("embedding_length") // n_head0
+    shapes = [LayerShape(*row) for row in zip(cols["n_head"], cols["n_kv_head"], cols["ffn_dim"])]
+    transact = {f.name: f.contents() for f in reader.fields.values() if f.name.startswith("transact.")}
+    return {"path": str(path), "format": "gguf", "architecture": arch, "shapes": shapes, "head_dim": hd,
+            "params": int(sum(t.n_elements for t in reader.tensors)), "transact": transact or None}
+
+
+def _hf(path: Path) -> dict:
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    from . import modeling  # noqa: F401  (per-layer configs)
+
+    check_hf_dir(path)
+    config = AutoConfig.from_pretrained(path)
+    params, seen = 0, set()
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            for key in st.keys():
+                if key not in seen:
+                    seen.add(key)
+                    shape = st.get_slice(key).get_shape()
+                    n = 1
+                    for d in shape:
+                        n *= d
+                    params += n
+    report = read_report(path)
+    return {"path": str(path), "format": "safetensors", "architecture": config.model_type,
+            "shapes": layer_shapes(config), "head_dim": head_dim(config), "params": params,
+            "transact": {"source": report["source"], "options": report["options"]} if report else None}
+
+
+def describe(source: str) -> dict:
+    path = resolve(source)
+    info = _gguf(path) if path.is_file() else _hf(path)
+    info["kv_bytes_per_token_f16"] = kv_bytes_per_token(info["shapes"], info["head_dim"])
+    return info
+
+
+def render(info: dict) -> str:
+    shapes = info["shapes"]
+    lines = [f"{info['path']}: {info['format']}, architecture {info['architecture']}, {len(shapes)} layers, "
+             f"head_dim {info['head_dim']}",
+             f"parameters: {info['params']:,}",
+             f"KV cache (f16): {info['kv_bytes_per_token_f16']:,} bytes per token",
+             "", "layer  n_head  n_kv_head  ffn_dim  kv_bytes/token"]
+    for il, s in enumerate(shapes):
+        lines.append(f"{il:5d}  {s.n_head:6d}  {s.n_kv_head:9d}  {s.ffn_dim:7d}  "
+                     f"{kv_bytes_per_token([s], info['head_dim']):14d}")
+    if info.get("transact"):
+        lines += ["", "transact: " + json.dumps(info["transact"], default=str)]
+    return "\n".join(lines)
+
+
+def as_json(info: dict) -> str:
+    d = dict(info, shapes=[s.as_dict() for s in info["shapes"]])
+    return json.dumps(d, indent=1, default=str)

@@ -1,0 +1,221 @@
+"""The TransAct driver: load -> (calibrate -> score -> cut -> recover -> checkpoint) x shots -> save.
+
+Shen et al., "Pruning Large Language Models to Intra-module Low-rank Architecture with
+Transitional Activations", ACL Findings 2024 (arXiv 2407.05690). Example:
+    transact-edge prune --model smollm2-135m --kv-heads 2 --mlp-ratio 0.5 --shots 2 --out pruned/
+Each finished shot is checkpointed in a hidden sibling of the output (`.NAME.partial/shot-K`);
+`--resume` continues after the last one. The output appears only when everything is done.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import corpus, plan, recovery, salience
+from .calibration import collect
+from .checkpoint import atomic_dir, check_output, save
+from .errors import UserError
+from .evaluate import perplexity
+from .loading import load, read_config
+from .shapes import head_dim, is_uniform, kv_bytes_per_token, count_params, layer_shapes
+from .surgery import cut
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneOptions:
+    model: str
+    out: Path
+    widths: plan.WidthRequest = field(default_factory=plan.WidthRequest)
+    per_layer: bool = False          # widths may differ per layer (allocation rule in plan.py)
+    shots: int = 1                   # iterative pruning steps; reference: 8
+    train_tokens: int = 0            # recovery tokens over all shots; 0 = pruning only
+    calib: str = corpus.DEFAULT      # 'wiki' (shipped) or a .txt/.jsonl/dataset directory
+    calib_samples: int = 128         # calibration windows (reference: 128)
+    seq_len: int = 2048              # tokens per window (reference: 4096)
+    batch_size: int = 4              # windows per forward/training step
+    lr: float = 1e-4                 # peak learning rate of recovery training
+    seed: int = 0
+    eval: bool = False               # perplexity before and after on the held-out text
+    eval_tokens: int | None = None   # cap on held-out tokens scored (None: all)
+    resume: bool = False
+    force: bool = False
+    device: str = "auto"
+
+    def fingerprint(self) -> dict:
+        """What must match for --resume to continue a run."""
+        d = asdict(self)
+        for k in ("resume", "force", "device", "eval", "eval_tokens", "out"):
+            d.pop(k)
+        return json.loads(json.dumps(d, default=str))
+
+
+def _shape_summary(model) -> dict:
+    shapes = layer_shapes(model.config)
+    return {"layers": [s.as_dict() for s in shapes], "uniform": is_uniform(shapes), "head_dim": head_dim(model.config),
+            "params": count_params(model), "kv_bytes_per_token_f16": kv_bytes_per_token(shapes, head_dim(model.config))}
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _validate(opts: PruneOptions) -> None:
+    plan.check_request(opts.widths)
+    if opts.shots < 1:
+        raise UserError(f"--shots must be at least 1, got {opts.shots}")
+    for name in ("calib_samples", "batch_size"):
+        if getattr(opts, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}")
+    if opts.train_tokens < 0:
+        raise UserError(f"--train-tokens must be >= 0, got {opts.train_tokens}")
+
+
+def _widest(shapes):
+    return max(shapes, key=lambda s: (s.n_head, s.ffn_dim))
+
+
+def _partial_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def _last_shot(partial: Path, opts: PruneOptions) -> tuple[int, dict] | None:
+    """The last finished shot in `partial` and its state, if it belongs to the same run."""
+    done = sorted((int(p.name.split("-")[1]), p) for p in partial.glob("shot-*") if (p / "state.json").is_file())
+    if not done:
+        return None
+    shot, path = done[-1]
+    state = json.loads((path / "state.json").read_text())
+    if state["options"] != opts.fingerprint():
+        raise UserError(f"{partial}: checkpoints of a run with other options; drop --resume to start over")
+    return shot, state
+
+
+def prune(opts: PruneOptions) -> dict:
+    """Run the whole schedule and write opts.out; returns the report also saved as transact.json."""
+    _validate(opts)
+    check_output(opts.out, opts.force)
+    config = read_config(opts.model)
+    if config is not None:  # widths checked before the weights are read
+        plan.target(_widest(layer_shapes(config)), opts.widths)
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    loaded = load(opts.model)
+    model, tok = loaded.model.to(_device(opts.device)), loaded.tokenizer
+    dense_shapes = layer_shapes(model.config)
+    final = plan.target(_widest(dense_shapes), opts.widths)
+    train_ids = corpus.stream(tok, opts.calib, "train")
+    calib = corpus.windows(train_ids, opts.seq_len, opts.calib_samples)  # the same windows every shot
+    seconds["load"] = time.perf_counter() - t
+
+    partial = _partial_dir(opts.out)
+    resumed = _last_shot(partial, opts) if opts.resume and partial.is_dir() else None
+    if resumed:
+        start, state = resumed
+        log.info("resuming after shot %d of %d from %s", start, opts.shots, partial)
+        del model
+        model = load(str(partial / f"shot-{start}")).model.to(_device(opts.device))
+        lineage = plan.Lineage(**state["lineage"])
+        report = state["report"]
+    else:
+        shutil.rmtree(partial, ignore_errors=True)
+        start = 0
+        lineage = plan.Lineage.dense(dense_shapes)
+        report = {
+            "format": "transact-edge/1",
+            "source": {"model": opts.model, "path": str(loaded.path), "model_type": model.config.model_type},
+            "options": opts.fingerprint(),
+            "calibration": {"corpus": opts.calib, "windows": int(calib.shape[0]), "seq_len": opts.seq_len,
+                            "tokens": int(calib.numel())},
+            "dense": _shape_summary(model),
+            "shots": [],
+            "seconds": {},
+        }
+        if opts.eval:
+            t = time.perf_counter()
+            report["perplexity_before"] = _eval(model, tok, opts).as_dict()
+            seconds["eval_before"] = time.perf_counter() - t
+    budgets = recovery.tokens_per_shot(opts.train_tokens, opts.shots)
+
+    for shot in range(start, opts.shots):
+        record: dict = {"shot": shot + 1}
+        shapes = layer_shapes(model.config)
+        uniform = plan.step(_widest(shapes), final, opts.shots - shot, opts.widths.round_to)
+
+        t = time.perf_counter()
+        stats = collect(model, calib, opts.batch_size, desc=f"shot {shot + 1}/{opts.shots} salience")
+        record["salience_seconds"] = time.perf_counter() - t
+        record["salience_tokens_per_s"] = stats.tokens / record["salience_seconds"]
+
+        new_shapes = (plan.per_layer_widths(stats, shapes, uniform, opts.widths.round_to) if opts.per_layer
+                      else [uniform] * len(shapes))
+        plans = plan.select(stats, shapes, new_shapes)
+        t = time.perf_counter()
+        model = cut(model, plans)
+        record["surgery_seconds"] = time.perf_counter() - t
+        lineage.apply(plans)
+        record["widths"] = [s.as_dict() for s in new_shapes]
+        record["salience"] = [
+            {"heads": salience.head_scores(salience.channel_scores(m), s.n_head).tolist(),
+             "mlp_channels": salience.summary(salience.channel_scores(f))}
+            for s, m, f in zip(shapes, stats.mha, stats.mlp)
+        ]
+        log.info("shot %d/%d: %s", shot + 1, opts.shots, _widths_line(new_shapes))
+
+        if budgets[shot] > 0:
+            n = max(1, budgets[shot] // opts.seq_len)
+            windows = corpus.windows(train_ids, opts.seq_len, n, seed=opts.seed * 1000 + shot)
+            record["recovery"] = recovery.train(model, windows, opts.batch_size, opts.lr, seed=opts.seed + shot,
+                                                desc=f"shot {shot + 1}/{opts.shots} recovery")
+        report["shots"].append(record)
+
+        t = time.perf_counter()
+        _checkpoint(partial, shot + 1, model, tok, {"options": opts.fingerprint(), "lineage": asdict(lineage),
+                                                    "report": report})
+        record["checkpoint_seconds"] = time.perf_counter() - t
+
+    report["pruned"] = _shape_summary(model)
+    report["kept"] = asdict(lineage) | {"numbering": "indices in the source model"}
+    del report["kept"]["shots"]
+    if opts.eval:
+        t = time.perf_counter()
+        report["perplexity_after"] = _eval(model, tok, opts).as_dict()
+        seconds["eval_after"] = time.perf_counter() - t
+    stage = lambda key: sum(s.get(key, 0.0) for s in report["shots"])  # noqa: E731
+    seconds |= {"salience": stage("salience_seconds"), "surgery": stage("surgery_seconds"),
+                "recovery": sum(s.get("recovery", {}).get("seconds", 0.0) for s in report["shots"])}
+    report["seconds"] = report.get("seconds", {}) | seconds
+    with atomic_dir(opts.out, opts.force) as tmp:
+        save(tmp, model, tok, report)
+    shutil.rmtree(partial, ignore_errors=True)
+    return report
+
+
+def _eval(model, tok, opts: PruneOptions):
+    ids = corpus.stream(tok, corpus.DEFAULT, "eval")
+    return perplexity(model, ids, window=512, max_tokens=opts.eval_tokens, batch_size=opts.batch_size,
+                      text="shipped Wikipedia held-out pages")
+
+
+def _checkpoint(partial: Path, shot: int, model, tok, state: dict) -> None:
+    partial.mkdir(exist_ok=True)
+    final = partial / f"shot-{shot}"
+    with atomic_dir(final, force=True) as tmp:
+        save(tmp, model, tok)
+        (tmp / "state.json").write_text(json.dumps(state))
+
+
+def _widths_line(shapes) -> str:
+    if is_uniform(shapes):
+        s = shapes[0]
+        return f"every layer: {s.n_head} heads / {s.n_kv_head} KV heads, MLP {s.ffn_dim}"
+    return "per layer: " + " ".join(f"{s.n_kv_head}/{s.n_head}/{s.ffn_dim}" for s in shapes) + " (kv/heads/mlp)"
