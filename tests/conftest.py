@@ -1,0 +1,53 @@
+"""Fixtures: a table of tiny random models (one per supported family) and the real SmolLM2."""
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import torch
+import transformers
+
+from transact_edge.arch import FAMILIES
+from transact_edge.loading import load
+
+# One tiny config per supported family: GQA everywhere, biases where the family has them.
+TINY = {
+    "llama": dict(num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True),
+    "mistral": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+    "qwen2": dict(num_attention_heads=6, num_key_value_heads=3, tie_word_embeddings=False),
+}
+COMMON = dict(hidden_size=96, head_dim=16, intermediate_size=128, num_hidden_layers=3, vocab_size=49152,
+              max_position_embeddings=512)
+
+
+def tiny_model(family: str, seed: int = 0):
+    cfg = getattr(transformers, FAMILIES[family].config_class)(**COMMON, **TINY[family])
+    torch.manual_seed(seed)
+    model = getattr(transformers, FAMILIES[family].model_class)(cfg).eval()
+    with torch.no_grad():  # spread the activations so that salience has something to rank
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(torch.linspace(0.2, 3.0, p.shape[0])[:, None])
+    return model
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M (embedded GGUF, converted once to the cache)."""
+    return load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2):
+    return smollm2.tokenizer
+
+
+@pytest.fixture(params=sorted(TINY))
+def tiny_dir(request, tmp_path_factory, tokenizer):
+    """A tiny random model of each family saved as a Hugging Face directory with a real tokenizer."""
+    path = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    tiny_model(request.param).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

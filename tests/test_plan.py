@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from transact_edge import plan, recovery
+from transact_edge.calibration import Stats
+from transact_edge.errors import UserError
+from transact_edge.shapes import LayerShape
+
+SMOL = LayerShape(9, 3, 1536)
+
+
+def test_target_kv_heads_keeps_the_group_ratio():
+    assert plan.target(SMOL, plan.WidthRequest(kv_heads=2, mlp_ratio=0.5)) == LayerShape(6, 2, 768)
+
+
+def test_target_query_heads_inside_groups_and_rounding():
+    assert plan.target(SMOL, plan.WidthRequest(heads=6, mlp=700)) == LayerShape(6, 3, 700)
+    assert plan.target(SMOL, plan.WidthRequest(mlp_ratio=0.3)).ffn_dim == 480  # 460.8 -> multiple of 32
+    assert plan.target(SMOL, plan.WidthRequest(mlp_ratio=0.3, round_to=256)).ffn_dim == 512
+    assert plan.target(SMOL, plan.WidthRequest(attn_ratio=0.34)) == LayerShape(3, 1, 1536)
+
+
+@pytest.mark.parametrize("req", [
+    plan.WidthRequest(mlp_ratio=0.0), plan.WidthRequest(mlp_ratio=1.2), plan.WidthRequest(attn_ratio=-1),
+    plan.WidthRequest(kv_heads=4), plan.WidthRequest(heads=10), plan.WidthRequest(heads=5, kv_heads=2),
+    plan.WidthRequest(heads=9, kv_heads=2), plan.WidthRequest(mlp=2000), plan.WidthRequest(mlp=0),
+])
+def test_bad_widths_are_refused(req):
+    with pytest.raises(UserError):
+        plan.target(SMOL, req)
+
+
+def test_step_rule_of_the_reference():
+    # 8 shots from MLP 11008 to 1536: next = cur - (cur - target) // remaining
+    cur, tgt = LayerShape(32, 32, 11008), LayerShape(6, 6, 1536)
+    seen = []
+    for shot in range(8):
+        cur = plan.step(cur, tgt, 8 - shot, round_to=1)
+        seen.append(cur)
+    assert seen[0] == LayerShape(29, 29, 11008 - (11008 - 1536) // 8)
+    assert seen[-1] == tgt
+    assert all(a.ffn_dim >= b.ffn_dim and a.n_kv_head >= b.n_kv_head for a, b in zip(seen, seen[1:]))
+
+
+def test_linear_token_schedule():
+    assert recovery.tokens_per_shot(1000, 4) == [100, 200, 300, 400]
+    assert recovery.tokens_per_shot(0, 3) == [0, 0, 0]
+
+
+def _stats(n_layer: int, seed: int = 0) -> Stats:
+    g = torch.Generator().manual_seed(seed)
+    mha = [torch.rand(9 * 64, generator=g, dtype=torch.float64) * (il + 1) for il in range(n_layer)]
+    mlp = [torch.rand(1536, generator=g, dtype=torch.float64) ** (il + 1) for il in range(n_layer)]
+    return Stats(mha, mlp, tokens=1)
+
+
+def test_per_layer_allocation_keeps_the_budget_and_bounds():
+    shapes = [SMOL] * 6
+    uni = LayerShape(6, 2, 768)
+    widths = plan.per_layer_widths(_stats(6), shapes, uni, round_to=32)
+    assert sum(w.ffn_dim for w in widths) == 6 * 768
+    assert sum(w.n_kv_head for w in widths) == 6 * 2
+    assert all(384 <= w.ffn_dim <= 1536 and w.ffn_dim % 32 == 0 for w in widths)
+    assert all(1 <= w.n_kv_head <= 3 and w.n_head == 3 * w.n_kv_head for w in widths)
+    assert len({w.ffn_dim for w in widths}) > 1  # layers with concentrated energy get fewer channels
+    # energy spread evenly (layer 0: uniform draws) keeps more than energy in few channels (layer 5: x^6)
+    assert widths[0].ffn_dim > widths[5].ffn_dim
+
+
+def test_select_keeps_heads_evenly_inside_kept_groups():
+    stats = _stats(2)
+    plans = plan.select(stats, [SMOL] * 2, [LayerShape(4, 2, 64)] * 2)
+    for p in plans:
+        assert len(p.kv_heads) == 2 and len(p.heads) == 4 and len(p.channels) == 64
+        assert [h // 3 for h in p.heads] == [g for g in p.kv_heads for _ in range(2)]
+        assert p.heads == sorted(p.heads) and p.channels == sorted(p.channels)
+
+
+def test_lineage_composes_indices_in_source_numbering():
+    lin = plan.Lineage.dense([LayerShape(6, 2, 8)])
+    lin.apply([plan.LayerPlan([1], [3, 5], [0, 2, 4, 6])])
+    lin.apply([plan.LayerPlan([0], [1], [1, 3])])
+    assert (lin.kv_heads, lin.heads, lin.channels) == ([[1]], [[5]], [[2, 6]])
