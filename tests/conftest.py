@@ -44,10 +44,19 @@ def tokenizer(smollm2):
     return smollm2.tokenizer
 
 
+def _save_tiny(family: str, tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp(f"tiny-{family}")
+    tiny_model(family).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(params=sorted(TINY))
 def tiny_dir(request, tmp_path_factory, tokenizer):
     """A tiny random model of each family saved as a Hugging Face directory with a real tokenizer."""
-    path = tmp_path_factory.mktemp(f"tiny-{request.param}")
-    tiny_model(request.param).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return _save_tiny(request.param, tmp_path_factory, tokenizer)
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path_factory, tokenizer):
+    return _save_tiny("llama", tmp_path_factory, tokenizer)

@@ -1,0 +1,126 @@
+"""Bad input: one line on stderr, exit status 2, nothing left under the output name, input untouched."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from transact_edge.cli import main
+from transact_edge.loading import embedded_gguf
+
+
+def run(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def digest(path):
+    if path.is_dir():
+        return {p.name: digest(p) for p in sorted(path.iterdir())}
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+@pytest.fixture
+def inputs(tmp_path, tiny_llama_dir):
+    """Bad inputs of every kind, built under tmp_path."""
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (gpt2 / "model.safetensors").write_bytes(b"")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    truncated = tmp_path / "truncated.gguf"
+    with open(embedded_gguf("smollm2-135m"), "rb") as f:
+        truncated.write_bytes(f.read(3_000_000))
+    garbled = tmp_path / "garbled.gguf"
+    garbled.write_bytes(os.urandom(4096))
+    empty_txt = tmp_path / "empty.txt"
+    empty_txt.write_text("   \n")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\x00\x01\x02" * 1000)
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text('{"txt": "no text field"}\n')
+    return dict(tiny=tiny_llama_dir, empty_dir=empty_dir, gpt2=gpt2, pickled=pickled, truncated=truncated,
+                garbled=garbled, empty_txt=empty_txt, binary=binary, bad_jsonl=bad_jsonl)
+
+
+CASES = {
+    "nonexistent path": ["--model", "{tmp}/does-not-exist"],
+    "directory without config": ["--model", "{empty_dir}"],
+    "unsupported architecture": ["--model", "{gpt2}"],
+    "pickled weights only": ["--model", "{pickled}"],
+    "truncated gguf": ["--model", "{truncated}"],
+    "garbled gguf": ["--model", "{garbled}"],
+    "ratio zero": ["--model", "{tiny}", "--mlp-ratio", "0"],
+    "ratio above one": ["--model", "{tiny}", "--attn-ratio", "1.5"],
+    "more kv heads than the model": ["--model", "{tiny}", "--kv-heads", "9"],
+    "more channels than the model": ["--model", "{tiny}", "--mlp", "4096"],
+    "heads not a multiple of kv heads": ["--model", "{tiny}", "--heads", "3", "--kv-heads", "2"],
+    "empty calibration file": ["--model", "{tiny}", "--calib", "{empty_txt}"],
+    "binary calibration file": ["--model", "{tiny}", "--calib", "{binary}"],
+    "jsonl without text": ["--model", "{tiny}", "--calib", "{bad_jsonl}"],
+    "missing calibration file": ["--model", "{tiny}", "--calib", "{tmp}/nope.txt"],
+    "zero shots": ["--model", "{tiny}", "--shots", "0"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_exits_2_with_one_line(case, inputs, tmp_path, capsys):
+    names = {k: str(v) for k, v in inputs.items()} | {"tmp": str(tmp_path)}
+    argv = [a.format(**names) for a in CASES[case]]
+    before = {k: digest(v) for k, v in inputs.items()}
+    out = tmp_path / "out"
+    rc, _, err = run(capsys, "prune", *argv, "--out", str(out), "--calib-samples", "2", "--seq-len", "32")
+    assert rc == 2, err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("transact-edge: error:"), err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "temporary sibling left behind"
+    assert {k: digest(v) for k, v in inputs.items()} == before, "input was modified"
+
+
+def test_existing_output_needs_force(tmp_path, tiny_llama_dir, capsys):
+    tiny_dir = tiny_llama_dir
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    rc, _, err = run(capsys, "prune", "--model", str(tiny_dir), "--out", str(out), "--calib-samples", "2", "--seq-len", "32")
+    assert rc == 2 and "already exists" in err
+    assert (out / "keep.txt").read_text() == "mine"
+    rc, _, err = run(capsys, "prune", "--model", str(tiny_dir), "--out", str(out), "--calib-samples", "2",
+                     "--seq-len", "32", "--mlp-ratio", "0.5", "--force")
+    assert rc == 0, err
+    assert not (out / "keep.txt").exists() and (out / "transact.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_tiny_models_prune_end_to_end(tmp_path, tiny_dir, capsys):
+    out = tmp_path / "out"
+    before = digest(tiny_dir)
+    rc, stdout, err = run(capsys, "prune", "--model", str(tiny_dir), "--out", str(out), "--kv-heads", "1",
+                          "--mlp-ratio", "0.5", "--shots", "2", "--calib-samples", "4", "--seq-len", "32",
+                          "--train-tokens", "256", "--per-layer")
+    assert rc == 0, err
+    report = json.loads((out / "transact.json").read_text())
+    assert [l["n_kv_head"] for l in report["pruned"]["layers"]] == [1, 1, 1]
+    assert report["pruned"]["params"] < report["dense"]["params"]
+    assert len(report["shots"]) == 2 and report["shots"][1]["recovery"]["tokens"] > 0
+    assert digest(tiny_dir) == before
+    rc, stdout, err = run(capsys, "inspect", str(out))
+    assert rc == 0 and "n_kv_head" in stdout
+
+
+def test_console_script_is_installed():
+    out = subprocess.run(["transact-edge", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for cmd in ("prune", "eval", "inspect", "demo"):
+        assert cmd in out.stdout
+    out = subprocess.run([sys.executable, "-m", "transact_edge", "inspect", "/nonexistent"], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
