@@ -23,7 +23,7 @@ class Stats:
 def _accumulator(acc: torch.Tensor):
     def hook(module, args):
         x = args[0].detach().reshape(-1, acc.numel()).to(torch.float64)  # (B*T, C)
-        acc.add_(torch.einsum("tc,tc->c", x, x))
+        acc.add_(x.square().sum(dim=0))  # (einsum in float64 is ~25x slower on CPU)
     return hook
 
 
