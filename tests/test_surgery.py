@@ -123,3 +123,12 @@ def test_uniform_checkpoint_loads_in_plain_transformers(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["LlamaForCausalLM", "2", "1", "64"]
+
+
+def test_consuming_cut_gives_the_same_model():
+    model = tiny_model("qwen2")
+    plans = plans_for(model, [LayerShape(2, 2, 64)] * 3)
+    expected = logits(cut(model, plans))
+    got = cut(model, plans, consume=True)
+    assert torch.equal(logits(got), expected)
+    assert all(p.is_meta for p in model.model.layers.parameters())  # the old layers were released

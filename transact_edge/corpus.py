@@ -78,15 +78,17 @@ def read_texts(spec: str, split: str = "train") -> list[str]:
 
 
 def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
-    """All documents tokenized in one batched call and joined by EOS: a 1-D LongTensor."""
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    joined: list[int] = []
-    for doc in ids:
-        joined.extend(doc)
-        if eos is not None:
-            joined.append(eos)
-    return torch.tensor(joined, dtype=torch.long)
+    """All documents tokenized in batches and joined by EOS: a 1-D LongTensor.
+
+    Batches of 16 documents go through the (Rust) tokenizer at once; each batch becomes a tensor
+    right away, so no Python list of the whole corpus's token ids is ever held.
+    """
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    parts = []
+    for i in range(0, len(texts), 16):
+        ids = tokenizer(texts[i:i + 16], add_special_tokens=False)["input_ids"]
+        parts += [torch.tensor(doc + eos, dtype=torch.long) for doc in ids]
+    return torch.cat(parts)
 
 
 def stream(tokenizer, spec: str = DEFAULT, split: str = "train") -> torch.Tensor:

@@ -160,7 +160,7 @@ def prune(opts: PruneOptions) -> dict:
                       else [uniform] * len(shapes))
         plans = plan.select(stats, shapes, new_shapes)
         t = time.perf_counter()
-        model = cut(model, plans)
+        model = cut(model, plans, consume=True)
         record["surgery_seconds"] = time.perf_counter() - t
         lineage.apply(plans)
         record["widths"] = [s.as_dict() for s in new_shapes]

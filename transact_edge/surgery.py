@@ -95,22 +95,29 @@ def model_class(config):
     return PER_LAYER_CLASSES[family.model_type][1]
 
 
-def cut(model, plans: list[LayerPlan]):
-    """A new model holding only the planned heads and channels; `model` itself is left as it was."""
+def cut(model, plans: list[LayerPlan], consume: bool = False):
+    """A new model holding only the planned heads and channels.
+
+    `model` is left as it was, unless `consume`: then each layer's old weights are released as soon
+    as that layer is cut, so memory peaks at about one model plus one layer, not two models.
+    """
     shapes = layer_shapes(model.config)
     validate(plans, shapes)
     hd = head_dim(model.config)
     sd = dict(model.state_dict())
+    buffers = dict(model.named_buffers())
     for il, p in enumerate(plans):
         _cut_layer(sd, f"model.layers.{il}", p, hd)
+        if consume:
+            model.model.layers[il].to("meta")
     cfg = config_for(model.config, [p.shape for p in plans])
     with torch.device("meta"):
         new = model_class(cfg)(cfg)
     new.load_state_dict(sd, strict=True, assign=True)
-    for name, buf in model.named_buffers():  # rotary tables etc.: not in the state dict, unchanged by pruning
+    for name, buf in buffers.items():  # rotary tables etc.: not in the state dict, unchanged by pruning
         owner, _, leaf = name.rpartition(".")
         new.get_submodule(owner).register_buffer(leaf, buf, persistent=False)
     new.tie_weights()
-    new.to(next(model.parameters()).device)
+    new.to(sd["model.embed_tokens.weight"].device)
     new.train(model.training)
     return new
