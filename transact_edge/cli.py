@@ -1,4 +1,4 @@
-"""Command line: transact-edge prune | eval | inspect | demo.
+"""Command line: transact-edge prune | export | eval | inspect | demo.
 
 Each subcommand parses its arguments into the library's option dataclass and calls one library
 function. Heavy imports happen inside the handlers. Only this module turns errors into exit codes:
@@ -119,6 +119,22 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    if a.format != "gguf":
+        raise UserError(f"unknown --format {a.format!r}; choose from gguf")
+    from .exporters.gguf import GGUFExportOptions, export, verify
+    from .loading import load
+
+    out = export(GGUFExportOptions(a.path, a.outtype, a.outfile))
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {a.outtype})")
+    if not a.verify:
+        return 0
+    loaded = load(a.path)
+    result = verify(out, loaded.model, loaded.tokenizer, a.outtype)
+    print(result.line())
+    return 1 if result.passed is False else 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     """The whole chain on the embedded model with a budget that fits a few minutes on 2 cores."""
     from .prune import prune
@@ -149,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, help="cap on tokens read from the text")
     p.add_argument("--batch-size", type=int, default=4)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="export a checkpoint to GGUF for llama.cpp")
+    p.add_argument("path", help="checkpoint directory (pruned or not) or embedded name")
+    p.add_argument("--format", default="gguf", help="gguf")
+    p.add_argument("--outtype", default="f16", help="f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k")
+    p.add_argument("--outfile", type=Path, help="default: {checkpoint}-{outtype}.gguf beside the checkpoint")
+    p.add_argument("--verify", action="store_true", help="compare llama.cpp with PyTorch on held-out text")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("inspect", help="per-layer widths, parameters and KV bytes of a checkpoint or GGUF")
     p.add_argument("path")

@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .arch import family_of
@@ -75,10 +76,63 @@ def check_hf_dir(path: Path) -> str:
     return model_type
 
 
+def _load_deci(path: Path, dtype: torch.dtype):
+    """A per-layer GGUF (llama.cpp architecture `deci`, as our exporter writes it) as a per-layer model.
+
+    transformers' GGUF loader does not know `deci`; gguf-py reads and dequantizes the tensors and
+    the Q/K rows are permuted back to transformers' rotate_half layout with each layer's counts.
+    """
+    import gguf
+    from transformers import PreTrainedTokenizerFast
+
+    from .ggufmap import CONFIG_KEYS, from_llama_cpp
+    from .modeling import PER_LAYER_CLASSES
+    from .shapes import GLOBAL_KEYS, PER_LAYER_KEYS, layer_shapes
+
+    reader = gguf.GGUFReader(path)
+    value = lambda key: reader.get_field(key).contents() if reader.get_field(key) else None  # noqa: E731
+    d = {hf: value(f"deci.{key}") for hf, key in CONFIG_KEYS.items()}
+    for field, key in GLOBAL_KEYS.items():
+        per_layer = d[key] if isinstance(d[key], list) else [d[key]] * d["num_hidden_layers"]
+        d[PER_LAYER_KEYS[field]], d[key] = per_layer, max(per_layer)
+    tensors = {t.name: t for t in reader.tensors}
+    d |= {"vocab_size": len(value("tokenizer.ggml.tokens")), "tie_word_embeddings": "output.weight" not in tensors,
+          "rope_parameters": {"rope_type": "default", "rope_theta": value("deci.rope.freq_base")},
+          "bos_token_id": value("tokenizer.ggml.bos_token_id"), "eos_token_id": value("tokenizer.ggml.eos_token_id"),
+          "attention_bias": "blk.0.attn_q.bias" in tensors, "dtype": dtype}
+    config_cls, model_cls = PER_LAYER_CLASSES["llama"]
+    config = config_cls(**d)
+    with torch.device("meta"):
+        model = model_cls(config)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DECI, config.num_hidden_layers)
+    shapes = layer_shapes(config)
+    state = {}
+    for key in model.state_dict():
+        if key == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        t = tensors[names.get_name(key, try_suffixes=(".weight", ".bias"))]
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
+        if ".q_proj." in key or ".k_proj." in key:
+            il = int(key.split(".")[2])
+            w = from_llama_cpp(w, shapes[il].n_head if ".q_proj." in key else shapes[il].n_kv_head)
+        state[key] = torch.from_numpy(np.ascontiguousarray(w)).to(dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    with torch.device("cpu"):
+        rotary = type(model.model.rotary_emb)(config)  # non-persistent buffers are not in the file
+    model.model.rotary_emb = rotary
+    model.tie_weights()
+    tok = PreTrainedTokenizerFast.from_pretrained(path.parent, gguf_file=path.name)
+    return model, tok
+
+
 def _load_gguf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .ggufmap import PER_LAYER_ARCH
+
     arch = check_gguf(path)
+    if arch == PER_LAYER_ARCH:
+        return _load_deci(path, dtype)
     family_of(arch)
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)

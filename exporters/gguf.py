@@ -1,0 +1,264 @@
+"""GGUF export that stock llama.cpp runs: `transact-edge export DIR --format gguf --outtype q8_0`.
+
+Uniform widths become architecture `llama` (or `qwen2`) with explicit key/value lengths;
+per-layer widths become `deci`, whose per-layer arrays of head_count, head_count_kv and
+feed_forward_length llama.cpp honours. Tensors are converted and quantized with gguf-py
+(F32, F16, BF16, Q8_0, Q4_0 in Python); K-quants go through llama.cpp's own quantizer. The
+tokenizer is copied from the source GGUF when the model came from one, else built from the
+Hugging Face tokenizer with gguf-py's vocab helpers. The file appears only when complete.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..arch import family_of
+from ..checkpoint import read_report
+from ..errors import UserError
+from ..ggufmap import NORM_ROPE, PER_LAYER_ARCH, to_llama_cpp
+from ..loading import EMBEDDED, embedded_gguf, load
+from ..shapes import head_dim, is_uniform, layer_shapes
+
+log = logging.getLogger(__name__)
+
+# --outtype -> (tensor type of 2-D weights, general.file_type); K-quants are made from an F32 file.
+PY_OUTTYPES = {
+    "f32": ("F32", "ALL_F32"),
+    "f16": ("F16", "MOSTLY_F16"),
+    "bf16": ("BF16", "MOSTLY_BF16"),
+    "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
+    "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
+}
+K_OUTTYPES = {"q4_k_m": "MOSTLY_Q4_K_M", "q5_k_m": "MOSTLY_Q5_K_M", "q6_k": "MOSTLY_Q6_K"}
+OUTTYPES = [*PY_OUTTYPES, *K_OUTTYPES]
+FALLBACK = "F16"  # for rows a block type cannot hold
+
+
+@dataclass
+class GGUFExportOptions:
+    checkpoint: str                  # directory, or an embedded model name
+    outtype: str = "f16"
+    outfile: Path | None = None      # default: {name}-{outtype}.gguf beside the checkpoint
+    verify: bool = False
+
+
+def default_outfile(checkpoint: Path, outtype: str) -> Path:
+    return checkpoint.parent / f"{checkpoint.name}-{outtype}.gguf"
+
+
+def _source_gguf(report: dict | None, source: str) -> Path | None:
+    """The GGUF file the checkpoint's weights came from, if any: its tokenizer is copied verbatim."""
+    name = report["source"]["model"] if report else source
+    if name in EMBEDDED:
+        return embedded_gguf(name)
+    if name.endswith(".gguf") and Path(name).is_file():
+        return Path(name)
+    return None
+
+
+def _copy_tokenizer(writer, source: Path) -> None:
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    for field in reader.fields.values():
+        if field.name.startswith("tokenizer."):
+            vtype = field.types[0]
+            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), vtype, sub)
+
+
+def _hf_tokenizer(writer, directory: Path) -> None:
+    """Vocabulary, merges, special ids and chat template from a Hugging Face tokenizer directory."""
+    import gguf
+
+    if (directory / "tokenizer.model").is_file():
+        model, vocab = "llama", gguf.vocab.SentencePieceVocab(directory)
+    else:
+        tj = json.loads((directory / "tokenizer.json").read_text())
+        model = "llama" if tj["model"].get("byte_fallback") else "gpt2"
+        vocab = gguf.vocab.LlamaHfVocab(directory) if model == "llama" else gguf.vocab.BpeVocab(directory)
+    tokens, scores, types = [], [], []
+    for text, score, toktype in vocab.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(toktype)
+    writer.add_tokenizer_model(model)
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    if model == "llama":
+        writer.add_token_scores(scores)
+    gguf.SpecialVocab(directory, load_merges=model == "gpt2", n_vocab=len(tokens)).add_to_gguf(writer)
+
+
+def _rope_theta(config) -> float:
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise UserError(f"rope scaling {rope.get('rope_type')!r} is not supported by the GGUF exporter yet")
+    return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def _tensor_type(name: str, data: np.ndarray, wanted):
+    """The type a tensor is stored in: norms and biases F32, weights `wanted` if their rows fit."""
+    import gguf
+
+    if data.ndim == 1:
+        return gguf.GGMLQuantizationType.F32
+    block = gguf.GGML_QUANT_SIZES[wanted][0]
+    if data.shape[-1] % block:
+        log.warning("%s: rows of %d do not fill %s blocks of %d; stored as %s", name, data.shape[-1],
+                    wanted.name, block, FALLBACK)
+        return gguf.GGMLQuantizationType[FALLBACK]
+    return wanted
+
+
+def write(model, tokenizer_dir: Path, source_gguf: Path | None, path: Path, outtype: str, report: dict | None) -> None:
+    """Write `model` as GGUF to `path` (not atomic by itself; see export)."""
+    import gguf
+
+    config = model.config
+    family = family_of(config.model_type)
+    shapes = layer_shapes(config)
+    uniform = is_uniform(shapes)
+    arch = family.gguf_arch if uniform else PER_LAYER_ARCH
+    hd = head_dim(config)
+    wanted = gguf.GGMLQuantizationType[PY_OUTTYPES[outtype][0]]
+
+    writer = gguf.GGUFWriter(path, arch)
+    name = (report or {}).get("source", {}).get("model") or config.name_or_path or "model"
+    writer.add_name(Path(str(name)).name + ("-transact" if report else ""))
+    writer.add_file_type(getattr(gguf.LlamaFileType, PY_OUTTYPES[outtype][1]))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(len(shapes))
+    per_layer = lambda field: getattr(shapes[0], field) if uniform else [getattr(s, field) for s in shapes]  # noqa: E731
+    writer.add_feed_forward_length(per_layer("ffn_dim"))
+    writer.add_head_count(per_layer("n_head"))
+    writer.add_head_count_kv(per_layer("n_kv_head"))
+    writer.add_key_length(hd)
+    writer.add_value_length(hd)
+    writer.add_rope_dimension_count(hd)
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    if source_gguf is not None:
+        _copy_tokenizer(writer, source_gguf)
+    else:
+        _hf_tokenizer(writer, tokenizer_dir)
+    if report:  # what was done, for llama.cpp consumers
+        writer.add_string("transact.source", str(report["source"]["model"]))
+        writer.add_uint32("transact.shots", report["options"]["shots"])
+        writer.add_uint32("transact.calibration_tokens", report["calibration"]["tokens"])
+        writer.add_uint64("transact.recovery_tokens", report["options"]["train_tokens"])
+        writer.add_uint64("transact.dense_params", report["dense"]["params"])
+        for field in ("n_head", "n_kv_head", "ffn_dim"):
+            writer.add_array(f"transact.{field}", [getattr(s, field) for s in shapes])
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], len(shapes))
+    state = model.state_dict()
+    for key, tensor in state.items():
+        if key == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise UserError(f"no GGUF name for tensor {key}")
+        data = tensor.detach().to(torch.float32).numpy()
+        if arch in NORM_ROPE and (".q_proj." in key or ".k_proj." in key):
+            il = int(key.split(".")[2])
+            data = to_llama_cpp(data, shapes[il].n_head if ".q_proj." in key else shapes[il].n_kv_head)
+        qtype = _tensor_type(gname, data, wanted)
+        writer.add_tensor(gname, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=True)
+    writer.close()
+
+
+def _llama_quantize(src: Path, dst: Path, outtype: str) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{K_OUTTYPES[outtype]}")
+    params.nthread = os.cpu_count() or 1
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {src} to {outtype}")
+
+
+def export(opts: GGUFExportOptions) -> Path:
+    """Write the GGUF atomically (temporary sibling + rename); returns its path."""
+    if opts.outtype not in OUTTYPES:
+        raise UserError(f"unknown --outtype {opts.outtype!r}; choose from {', '.join(OUTTYPES)}")
+    loaded = load(opts.checkpoint)
+    if loaded.path.is_file():
+        raise UserError(f"{opts.checkpoint}: already a GGUF file; export takes a checkpoint directory")
+    report = read_report(loaded.path)
+    out = Path(opts.outfile) if opts.outfile else default_outfile(Path(opts.checkpoint), opts.outtype)
+    if not out.parent.is_dir():
+        raise UserError(f"{out.parent}: output's parent directory does not exist")
+    shapes = layer_shapes(loaded.model.config)
+    if any(s.ffn_dim == 0 for s in shapes):  # llama.cpp's deci skips such layers, attention included
+        raise UserError("a layer with MLP width 0 cannot be represented in llama.cpp's deci graph")
+    _rope_theta(loaded.model.config)
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    staged = tmp.with_suffix(".f32.tmp")
+    try:
+        source = _source_gguf(report, opts.checkpoint)
+        if opts.outtype in K_OUTTYPES:
+            write(loaded.model, loaded.path, source, staged, "f32", report)
+            _llama_quantize(staged, tmp, opts.outtype)
+        else:
+            write(loaded.model, loaded.path, source, tmp, opts.outtype, report)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+        staged.unlink(missing_ok=True)
+    return out
+
+
+# --outtype -> the check it must pass: ("top1", minimum agreement) or ("ppl", maximum relative drift).
+THRESHOLDS = {"f32": ("top1", 0.995), "f16": ("top1", 0.99), "bf16": ("top1", 0.99), "q8_0": ("ppl", 0.03)}
+
+
+@dataclass
+class Verification:
+    agreement: object        # compare.Agreement
+    outtype: str
+    passed: bool | None      # None: no threshold for this outtype
+    rule: str
+
+    def line(self) -> str:
+        verdict = {True: "PASS", False: "FAIL", None: "no threshold"}[self.passed]
+        return f"verify {self.outtype}: {self.agreement.line(('torch', 'llama.cpp'))} -> {verdict} ({self.rule})"
+
+
+def verify(gguf_path: Path, model, tokenizer, outtype: str, n_tokens: int = 512) -> Verification:
+    """PyTorch vs llama.cpp on the first `n_tokens` of the held-out text."""
+    from .. import corpus
+    from ..compare import agreement
+    from ..llamacpp import open_gguf
+
+    ids = corpus.stream(tokenizer, corpus.DEFAULT, "eval")[:n_tokens]
+    with torch.inference_mode():
+        ref = model(input_ids=ids[None]).logits[0].float()  # (T, V)
+    rt = open_gguf(gguf_path, n_ctx=n_tokens)
+    got = torch.from_numpy(rt.logits(ids.tolist()))
+    rt.llm.close()
+    a = agreement(ref, got, ids)
+    kind, limit = THRESHOLDS.get(outtype, (None, None))
+    if kind == "top1":
+        return Verification(a, outtype, a.top1 >= limit, f"top-1 >= {100 * limit:.1f}%")
+    if kind == "ppl":
+        return Verification(a, outtype, abs(a.ppl_drift) <= limit, f"perplexity within {100 * limit:.0f}%")
+    return Verification(a, outtype, None, "reported only")

@@ -1,0 +1,75 @@
+"""Stock llama.cpp through llama-cpp-python: open a GGUF, get logits, read what llama.cpp reports.
+
+llama.cpp prints the KV-cache size it allocated ("llama_kv_cache: size = ... MiB ..., K (f16): ...
+MiB, V (f16): ... MiB"); `open_gguf` captures llama.cpp's log while the context is created so
+that the number comes from llama.cpp itself, not from our own arithmetic.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+KV_LINE = re.compile(r"llama_kv_cache: size =\s*([\d.]+) MiB \(\s*(\d+) cells.*K \((\w+)\):\s*([\d.]+) MiB, "
+                     r"V \((\w+)\):\s*([\d.]+) MiB")
+
+
+@dataclass
+class Runtime:
+    llm: object                      # llama_cpp.Llama
+    log: list[str] = field(default_factory=list)
+
+    def kv_cache(self) -> dict:
+        """KV-cache size as llama.cpp reported it when the context was made."""
+        for line in self.log:
+            m = KV_LINE.search(line)
+            if m:
+                return {"mib": float(m[1]), "cells": int(m[2]), "k_type": m[3], "k_mib": float(m[4]),
+                        "v_type": m[5], "v_mib": float(m[6]), "v_padded": any("padding V cache" in l for l in self.log)}
+        raise RuntimeError("llama.cpp did not report a KV-cache size")
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """(len(tokens), vocab) float32 logits of one sequence, evaluated from an empty cache."""
+        self.llm.reset()
+        self.llm.eval(tokens)
+        return np.array(self.llm.scores[: len(tokens)], dtype=np.float32)
+
+
+@contextmanager
+def _captured_log(sink: list[str]):
+    import llama_cpp
+    import llama_cpp._logger as lcl
+
+    @llama_cpp.llama_log_callback
+    def callback(level, text, user_data):
+        sink.append(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    try:
+        yield
+    finally:
+        llama_cpp.llama_log_set(lcl.llama_log_callback, ctypes.c_void_p(0))
+
+
+def open_gguf(path: Path, n_ctx: int = 512, flash_attn: bool = True, threads: int | None = None) -> Runtime:
+    """A llama.cpp context over a GGUF with logits for every position."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise UserError("llama-cpp-python is not installed (pip install llama-cpp-python)") from None
+    log: list[str] = []
+    with _captured_log(log):
+        try:
+            llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True,
+                        flash_attn=flash_attn, n_threads=threads or os.cpu_count(), verbose=True, seed=0)
+        except ValueError as e:
+            tail = " | ".join(l.strip() for l in log[-3:])
+            raise UserError(f"{path}: llama.cpp cannot load this file ({e}; {tail})") from None
+    return Runtime(llm, log)
