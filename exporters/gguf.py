@@ -1,8 +1,8 @@
 """GGUF export that stock llama.cpp runs: `transact-edge export DIR --format gguf --outtype q8_0`.
 
-Uniform widths become architecture `llama` (or `qwen2`) with explicit key/value lengths;
-per-layer widths become `deci`, whose per-layer arrays of head_count, head_count_kv and
-feed_forward_length llama.cpp honours. Tensors are converted and quantized with gguf-py
+Uniform widths become architecture `llama` (or `qwen2` when unpruned attention allows it) with
+explicit key/value lengths; per-layer widths become `deci`, whose per-layer arrays of head_count,
+head_count_kv and feed_forward_length llama.cpp honours. Tensors are converted and quantized with gguf-py
 (F32, F16, BF16, Q8_0, Q4_0 in Python); K-quants go through llama.cpp's own quantizer. The
 tokenizer is copied from the source GGUF when the model came from one, else built from the
 Hugging Face tokenizer with gguf-py's vocab helpers. The file appears only when complete.
@@ -127,8 +127,9 @@ def write(model, tokenizer_dir: Path, source_gguf: Path | None, path: Path, outt
     family = family_of(config.model_type)
     shapes = layer_shapes(config)
     uniform = is_uniform(shapes)
-    arch = family.gguf_arch if uniform else PER_LAYER_ARCH
     hd = head_dim(config)
+    narrow = shapes[0].n_head * hd != config.hidden_size
+    arch = family.gguf_arch if uniform and (family.gguf_narrow or not narrow) else PER_LAYER_ARCH
     wanted = gguf.GGMLQuantizationType[PY_OUTTYPES[outtype][0]]
 
     writer = gguf.GGUFWriter(path, arch)
@@ -153,6 +154,7 @@ def write(model, tokenizer_dir: Path, source_gguf: Path | None, path: Path, outt
         _copy_tokenizer(writer, source_gguf)
     else:
         _hf_tokenizer(writer, tokenizer_dir)
+    writer.add_string("transact.family", family.model_type)  # lets our importer rebuild the right classes
     if report:  # what was done, for llama.cpp consumers
         writer.add_string("transact.source", str(report["source"]["model"]))
         writer.add_uint32("transact.shots", report["options"]["shots"])
@@ -191,6 +193,21 @@ def _llama_quantize(src: Path, dst: Path, outtype: str) -> None:
     params.nthread = os.cpu_count() or 1
     if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
         raise RuntimeError(f"llama.cpp could not quantize {src} to {outtype}")
+    _warn_fallbacks(dst, outtype)
+
+
+def _warn_fallbacks(path: Path, outtype: str) -> None:
+    """Name the weights llama.cpp stored in another type because their rows do not fill 256-blocks."""
+    import gguf
+
+    kquant = {"q4_k_m": ("Q4_K", "Q5_K", "Q6_K"), "q5_k_m": ("Q5_K", "Q6_K"), "q6_k": ("Q6_K",)}[outtype]
+    other: dict[str, list[str]] = {}
+    for t in gguf.GGUFReader(path).tensors:
+        if len(t.shape) > 1 and t.tensor_type.name not in kquant:
+            other.setdefault(t.tensor_type.name, []).append(t.name)
+    for qtype, names in other.items():
+        log.warning("%d tensors stored as %s, not %s (rows not a multiple of 256): %s", len(names), qtype,
+                    outtype, ", ".join(names[:6]) + (" ..." if len(names) > 6 else ""))
 
 
 def export(opts: GGUFExportOptions) -> Path:

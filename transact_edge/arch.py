@@ -23,12 +23,14 @@ class Family:
     config_class: str    # class names in transformers' top-level namespace
     model_class: str
     gguf_arch: str       # general.architecture in GGUF
+    gguf_narrow: bool    # does that llama.cpp graph accept n_head * head_dim != hidden size?
 
 
 FAMILIES: dict[str, Family] = {
-    "llama": Family("llama", "LlamaConfig", "LlamaForCausalLM", "llama"),
-    "mistral": Family("mistral", "MistralConfig", "MistralForCausalLM", "llama"),
-    "qwen2": Family("qwen2", "Qwen2Config", "Qwen2ForCausalLM", "qwen2"),
+    "llama": Family("llama", "LlamaConfig", "LlamaForCausalLM", "llama", gguf_narrow=True),
+    "mistral": Family("mistral", "MistralConfig", "MistralForCausalLM", "llama", gguf_narrow=True),
+    # llama.cpp's qwen2 graph shapes Q as hidden x hidden: pruned Qwen2 goes to `deci` (which keeps biases)
+    "qwen2": Family("qwen2", "Qwen2Config", "Qwen2ForCausalLM", "qwen2", gguf_narrow=False),
 }
 
 PER_LAYER_PREFIX = "transact_"  # model_type of the per-layer-width variant of a family

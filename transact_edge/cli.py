@@ -114,7 +114,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 def cmd_inspect(a: argparse.Namespace) -> int:
     from .inspect import as_json, describe, render
 
-    info = describe(a.path)
+    info = describe(a.path, a.kv_ctx)
     print(as_json(info) if a.json else render(info))
     return 0
 
@@ -144,7 +144,21 @@ def cmd_demo(a: argparse.Namespace) -> int:
           f"in {opts.shots} shots, {opts.train_tokens} recovery tokens, writing {opts.out}", flush=True)
     report = prune(opts)
     print(_summary_table({"dense": report["dense"], "pruned": report["pruned"]}, report))
-    return 0
+
+    from .exporters.gguf import GGUFExportOptions, export, verify
+    from .loading import load
+
+    loaded = load(str(opts.out))
+    print("\n| GGUF | MiB | top-1 vs torch | max abs diff | KL | ppl torch | ppl llama.cpp | check |\n|---|---:|---:|---:|---:|---:|---:|---|")
+    failed = False
+    for outtype in ("f16", "q8_0"):
+        path = export(GGUFExportOptions(str(opts.out), outtype))
+        v = verify(path, loaded.model, loaded.tokenizer, outtype)
+        a = v.agreement
+        failed |= v.passed is False
+        print(f"| {path.name} | {path.stat().st_size / 2**20:.1f} | {100 * a.top1:.2f}% | {a.max_abs_diff:.3f} | "
+              f"{a.kl:.5f} | {a.ppl_reference:.2f} | {a.ppl_other:.2f} | {'pass' if v.passed else 'FAIL'} ({v.rule}) |")
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="per-layer widths, parameters and KV bytes of a checkpoint or GGUF")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--kv-ctx", type=int, default=4096,
+                   help="GGUF: context for which llama.cpp reports its KV-cache size (0: skip)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("demo", help="prune the embedded SmolLM2-135M and compare before/after")

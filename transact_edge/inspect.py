@@ -59,10 +59,18 @@ def _hf(path: Path) -> dict:
             "transact": {"source": report["source"], "options": report["options"]} if report else None}
 
 
-def describe(source: str) -> dict:
+def describe(source: str, kv_ctx: int = 0) -> dict:
+    """Widths, parameters, KV bytes; for a GGUF and kv_ctx > 0 also the KV cache llama.cpp allocates."""
     path = resolve(source)
     info = _gguf(path) if path.is_file() else _hf(path)
     info["kv_bytes_per_token_f16"] = kv_bytes_per_token(info["shapes"], info["head_dim"])
+    if path.is_file() and kv_ctx > 0:
+        from .llamacpp import open_gguf
+
+        rt = open_gguf(path, n_ctx=kv_ctx, flash_attn=True)
+        info["llama_cpp_kv"] = rt.kv_cache() | {"n_ctx": kv_ctx,
+                                                "expected_mib": info["kv_bytes_per_token_f16"] * kv_ctx / 2**20}
+        rt.llm.close()
     return info
 
 
@@ -76,6 +84,10 @@ def render(info: dict) -> str:
     for il, s in enumerate(shapes):
         lines.append(f"{il:5d}  {s.n_head:6d}  {s.n_kv_head:9d}  {s.ffn_dim:7d}  "
                      f"{kv_bytes_per_token([s], info['head_dim']):14d}")
+    if info.get("llama_cpp_kv"):
+        kv = info["llama_cpp_kv"]
+        lines += ["", f"llama.cpp KV cache at n_ctx {kv['n_ctx']} (flash attention on): {kv['mib']:.2f} MiB "
+                      f"(K {kv['k_mib']:.2f} + V {kv['v_mib']:.2f}); per-layer sum: {kv['expected_mib']:.2f} MiB"]
     if info.get("transact"):
         lines += ["", "transact: " + json.dumps(info["transact"], default=str)]
     return "\n".join(lines)

@@ -68,7 +68,7 @@ def open_gguf(path: Path, n_ctx: int = 512, flash_attn: bool = True, threads: in
     with _captured_log(log):
         try:
             llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True,
-                        flash_attn=flash_attn, n_threads=threads or os.cpu_count(), verbose=True, seed=0)
+                        flash_attn=flash_attn, n_threads=threads or os.cpu_count(), verbose=False, seed=0)
         except ValueError as e:
             tail = " | ".join(l.strip() for l in log[-3:])
             raise UserError(f"{path}: llama.cpp cannot load this file ({e}; {tail})") from None

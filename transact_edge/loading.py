@@ -99,8 +99,11 @@ def _load_deci(path: Path, dtype: torch.dtype):
     d |= {"vocab_size": len(value("tokenizer.ggml.tokens")), "tie_word_embeddings": "output.weight" not in tensors,
           "rope_parameters": {"rope_type": "default", "rope_theta": value("deci.rope.freq_base")},
           "bos_token_id": value("tokenizer.ggml.bos_token_id"), "eos_token_id": value("tokenizer.ggml.eos_token_id"),
-          "attention_bias": "blk.0.attn_q.bias" in tensors, "dtype": dtype}
-    config_cls, model_cls = PER_LAYER_CLASSES["llama"]
+          "dtype": dtype}
+    family = value("transact.family") or "llama"
+    if family == "llama":
+        d["attention_bias"] = "blk.0.attn_q.bias" in tensors
+    config_cls, model_cls = PER_LAYER_CLASSES[family]
     config = config_cls(**d)
     with torch.device("meta"):
         model = model_cls(config)
@@ -115,7 +118,7 @@ def _load_deci(path: Path, dtype: torch.dtype):
         if ".q_proj." in key or ".k_proj." in key:
             il = int(key.split(".")[2])
             w = from_llama_cpp(w, shapes[il].n_head if ".q_proj." in key else shapes[il].n_kv_head)
-        state[key] = torch.from_numpy(np.ascontiguousarray(w)).to(dtype)
+        state[key] = torch.from_numpy(np.array(w, dtype=np.float32)).to(dtype)  # a writable copy
     model.load_state_dict(state, strict=False, assign=True)
     with torch.device("cpu"):
         rotary = type(model.model.rotary_emb)(config)  # non-persistent buffers are not in the file

@@ -1,0 +1,145 @@
+"""GGUF export: stock llama.cpp (llama-cpp-python) loads it and agrees with PyTorch."""
+import json
+
+import gguf
+import pytest
+import torch
+
+from transact_edge import corpus, plan
+from transact_edge.calibration import collect
+from transact_edge.checkpoint import save
+from transact_edge.cli import main
+from transact_edge.exporters.gguf import GGUFExportOptions, export, verify
+from transact_edge.llamacpp import open_gguf
+from transact_edge.loading import load
+from transact_edge.shapes import LayerShape, head_dim, is_uniform, layer_shapes
+from transact_edge.surgery import cut
+
+from conftest import TINY, tiny_model
+
+
+@pytest.fixture(scope="module")
+def pruned_dirs(smollm2, tmp_path_factory):
+    """SmolLM2 pruned to 2 KV heads and MLP 768: uniform and per-layer checkpoints."""
+    model = smollm2.model
+    ids = corpus.stream(smollm2.tokenizer)[: 4 * 256].view(4, 256)
+    stats = collect(model, ids)
+    shapes = layer_shapes(model.config)
+    uni = LayerShape(6, 2, 768)
+    out = {}
+    for name, widths in (("uniform", [uni] * len(shapes)),
+                         ("per_layer", plan.per_layer_widths(stats, shapes, uni, round_to=32))):
+        path = tmp_path_factory.mktemp(name)
+        report = {"source": {"model": "smollm2-135m"}, "options": {"shots": 1, "train_tokens": 0},
+                  "calibration": {"tokens": ids.numel()}, "dense": {"params": 134515008}}
+        save(path, cut(model, plan.select(stats, shapes, widths)), smollm2.tokenizer, report)
+        out[name] = path
+    assert not is_uniform(layer_shapes(load(str(out["per_layer"])).model.config))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["uniform", "per_layer"])
+@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
+def test_real_pruned_export_runs_in_llama_cpp(pruned_dirs, tmp_path, kind, outtype):
+    src = pruned_dirs[kind]
+    out = export(GGUFExportOptions(str(src), outtype, tmp_path / "m.gguf"))
+    loaded = load(str(src))
+    result = verify(out, loaded.model, loaded.tokenizer, outtype, n_tokens=256)
+    assert result.passed, result.line()
+    reader = gguf.GGUFReader(out)
+    arch = reader.get_field("general.architecture").contents()
+    assert arch == ("llama" if kind == "uniform" else "deci")
+    shapes = layer_shapes(loaded.model.config)
+    for field, key in (("n_head", "attention.head_count"), ("n_kv_head", "attention.head_count_kv"),
+                       ("ffn_dim", "feed_forward_length")):
+        got = reader.get_field(f"{arch}.{key}").contents()
+        assert (got if isinstance(got, list) else [got] * len(shapes)) == [getattr(s, field) for s in shapes]
+        assert reader.get_field(f"transact.{field}").contents() == [getattr(s, field) for s in shapes]
+    assert reader.get_field(f"{arch}.attention.key_length").contents() == 64
+    # the tokenizer is the source GGUF's, byte for byte
+    assert reader.get_field("tokenizer.ggml.pre").contents() == "smollm"
+
+
+@pytest.mark.slow
+def test_llama_cpp_kv_cache_is_the_per_layer_sum(pruned_dirs, tmp_path):
+    src = pruned_dirs["per_layer"]
+    out = export(GGUFExportOptions(str(src), "f16", tmp_path / "m.gguf"))
+    config = load(str(src)).model.config
+    n_ctx = 4096
+    expected = sum(2 * s.n_kv_head * head_dim(config) * 2 * n_ctx for s in layer_shapes(config))  # f16 K and V
+    rt = open_gguf(out, n_ctx=n_ctx, flash_attn=True)
+    kv = rt.kv_cache()
+    rt.llm.close()
+    assert kv["cells"] == n_ctx and not kv["v_padded"]
+    assert abs(kv["mib"] - expected / 2**20) < 0.006, (kv, expected / 2**20)
+    assert abs(kv["k_mib"] - kv["v_mib"]) < 0.006
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["uniform", "per_layer"])
+def test_import_round_trip(pruned_dirs, tmp_path, kind):
+    src = pruned_dirs[kind]
+    out = export(GGUFExportOptions(str(src), "f32", tmp_path / "m.gguf"))
+    a, b = load(str(src)), load(str(out))
+    assert layer_shapes(b.model.config) == layer_shapes(a.model.config)
+    ids = corpus.stream(a.tokenizer, "wiki", "eval")[:128][None]
+    sample = corpus.read_texts("wiki", "eval")[3][:2000]
+    assert b.tokenizer(sample)["input_ids"] == a.tokenizer(sample)["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(b.model(input_ids=ids).logits, a.model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+@pytest.mark.parametrize("mode", ["dense", "uniform", "per_layer"])
+def test_tiny_models_export_and_load(family, mode, tmp_path, tokenizer):
+    model = tiny_model(family)
+    s = layer_shapes(model.config)[0]
+    group = s.n_head // s.n_kv_head
+    widths = {"dense": [s] * 3, "uniform": [LayerShape(group, 1, 64)] * 3,
+              "per_layer": [LayerShape(group, 1, 64), LayerShape(s.n_head, s.n_kv_head, 128), LayerShape(group, 1, 96)]}[mode]
+    x = corpus.stream(tokenizer, "wiki", "eval")[:64]
+    pruned = cut(model, plan.select(collect(model, x[None]), layer_shapes(model.config), widths))
+    save(tmp_path / "ckpt", pruned, tokenizer)
+    out = export(GGUFExportOptions(str(tmp_path / "ckpt"), "f32", tmp_path / "m.gguf"))
+    arch = gguf.GGUFReader(out).get_field("general.architecture").contents()
+    assert arch == {"dense": "qwen2" if family == "qwen2" else "llama", "per_layer": "deci",
+                    "uniform": "deci" if family == "qwen2" else "llama"}[mode]
+    result = verify(out, pruned, tokenizer, "f32", n_tokens=64)
+    # random weights give nearly flat logits, so top-1 ties may flip: compare the logits themselves
+    assert result.agreement.max_abs_diff < 1e-2 and result.agreement.kl < 1e-5, result.line()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--outtype", "q3_x"], "unknown --outtype"),
+    (["--format", "tflite"], "unknown --format"),
+])
+def test_export_bad_options(argv, needle, tmp_path, tiny_llama_dir, capsys):
+    rc = main(["export", str(tiny_llama_dir), *argv, "--outfile", str(tmp_path / "m.gguf")])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_missing_dir_and_unrepresentable(tmp_path, tokenizer, capsys):
+    rc = main(["export", str(tmp_path / "nope"), "--outfile", str(tmp_path / "m.gguf")])
+    assert rc == 2 and "no such file" in capsys.readouterr().err
+    model = tiny_model("llama")
+    model.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    save(tmp_path / "ckpt", model, tokenizer)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    rc = main(["export", str(tmp_path / "ckpt"), "--outfile", str(tmp_path / "m.gguf")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "rope scaling" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.slow
+def test_k_quant_through_llama_cpp(pruned_dirs, tmp_path):
+    out = export(GGUFExportOptions(str(pruned_dirs["uniform"]), "q6_k", tmp_path / "m.gguf"))
+    types = {t.tensor_type.name for t in gguf.GGUFReader(out).tensors if len(t.shape) > 1}
+    assert types - {"Q6_K"}, "576-wide rows cannot all be Q6_K: llama.cpp falls back for them"
+    loaded = load(str(pruned_dirs["uniform"]))
+    result = verify(out, loaded.model, loaded.tokenizer, "q6_k", n_tokens=128)
+    assert result.agreement.top1 > 0.8, result.line()
+    assert json.loads(json.dumps(result.agreement.as_dict()))
