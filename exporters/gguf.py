@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..arch import family_of
 from ..checkpoint import read_report
 from ..errors import UserError
-from ..ggufmap import NORM_ROPE, PER_LAYER_ARCH, to_llama_cpp
-from ..loading import EMBEDDED, embedded_gguf, load
+from ..ggufmap import NORM_ROPE, PER_LAYER_ARCH, read_kv, to_llama_cpp
+from ..loading import EMBEDDED, embedded_gguf, read_config, resolve
 from ..shapes import head_dim, is_uniform, layer_shapes
 
 log = logging.getLogger(__name__)
@@ -64,14 +65,8 @@ def _source_gguf(report: dict | None, source: str) -> Path | None:
 
 
 def _copy_tokenizer(writer, source: Path) -> None:
-    import gguf
-
-    reader = gguf.GGUFReader(source)
-    for field in reader.fields.values():
-        if field.name.startswith("tokenizer."):
-            vtype = field.types[0]
-            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(field.name, field.contents(), vtype, sub)
+    for key, val, vtype, sub in read_kv(source, "tokenizer."):
+        writer.add_key_value(key, val, vtype, sub)
 
 
 def _hf_tokenizer(writer, directory: Path) -> None:
@@ -105,25 +100,40 @@ def _rope_theta(config) -> float:
     return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
-def _tensor_type(name: str, data: np.ndarray, wanted):
+def _tensor_type(name: str, shape: tuple[int, ...], wanted):
     """The type a tensor is stored in: norms and biases F32, weights `wanted` if their rows fit."""
     import gguf
 
-    if data.ndim == 1:
+    if len(shape) == 1:
         return gguf.GGMLQuantizationType.F32
     block = gguf.GGML_QUANT_SIZES[wanted][0]
-    if data.shape[-1] % block:
-        log.warning("%s: rows of %d do not fill %s blocks of %d; stored as %s", name, data.shape[-1],
+    if shape[-1] % block:
+        log.warning("%s: rows of %d do not fill %s blocks of %d; stored as %s", name, shape[-1],
                     wanted.name, block, FALLBACK)
         return gguf.GGMLQuantizationType[FALLBACK]
     return wanted
 
 
-def write(model, tokenizer_dir: Path, source_gguf: Path | None, path: Path, outtype: str, report: dict | None) -> None:
-    """Write `model` as GGUF to `path` (not atomic by itself; see export)."""
+def _stored(qtype, shape: tuple[int, ...]) -> tuple[tuple[int, ...], object]:
+    """Shape and numpy dtype of a tensor's bytes as gguf.quants.quantize returns them."""
     import gguf
 
-    config = model.config
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return shape, np.float32
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return shape, np.float16
+    return gguf.quants.quant_shape_to_byte_shape(shape, qtype), np.uint8
+
+
+def write(directory: Path, config, source_gguf: Path | None, path: Path, outtype: str, report: dict | None) -> None:
+    """Write the checkpoint in `directory` as GGUF to `path`, one tensor at a time (not atomic by itself).
+
+    Tensors stream from the safetensors files: read, permuted, quantized and written one by one,
+    so memory holds one tensor, not the model.
+    """
+    import gguf
+    from safetensors import safe_open
+
     family = family_of(config.model_type)
     shapes = layer_shapes(config)
     uniform = is_uniform(shapes)
@@ -133,7 +143,7 @@ def write(model, tokenizer_dir: Path, source_gguf: Path | None, path: Path, outt
     wanted = gguf.GGMLQuantizationType[PY_OUTTYPES[outtype][0]]
 
     writer = gguf.GGUFWriter(path, arch)
-    name = (report or {}).get("source", {}).get("model") or config.name_or_path or "model"
+    name = (report or {}).get("source", {}).get("model") or directory.name
     writer.add_name(Path(str(name)).name + ("-transact" if report else ""))
     writer.add_file_type(getattr(gguf.LlamaFileType, PY_OUTTYPES[outtype][1]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -153,7 +163,7 @@ def write(model, tokenizer_dir: Path, source_gguf: Path | None, path: Path, outt
     if source_gguf is not None:
         _copy_tokenizer(writer, source_gguf)
     else:
-        _hf_tokenizer(writer, tokenizer_dir)
+        _hf_tokenizer(writer, directory)
     writer.add_string("transact.family", family.model_type)  # lets our importer rebuild the right classes
     if report:  # what was done, for llama.cpp consumers
         writer.add_string("transact.source", str(report["source"]["model"]))
@@ -165,23 +175,30 @@ def write(model, tokenizer_dir: Path, source_gguf: Path | None, path: Path, outt
             writer.add_array(f"transact.{field}", [getattr(s, field) for s in shapes])
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], len(shapes))
-    state = model.state_dict()
-    for key, tensor in state.items():
-        if key == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
-        if gname is None:
-            raise UserError(f"no GGUF name for tensor {key}")
-        data = tensor.detach().to(torch.float32).numpy()
+    files = [safe_open(f, framework="pt") for f in sorted(directory.glob("*.safetensors"))]
+    plan = []  # (file, key, gguf name, type), in file order
+    for f in files:
+        for key in f.keys():
+            if key == "lm_head.weight" and config.tie_word_embeddings:
+                continue
+            gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
+            if gname is None:
+                raise UserError(f"no GGUF name for tensor {key}")
+            shape = tuple(f.get_slice(key).get_shape())
+            qtype = _tensor_type(gname, shape, wanted)
+            byte_shape, dtype = _stored(qtype, shape)
+            writer.add_tensor_info(gname, byte_shape, np.dtype(dtype), int(np.prod(byte_shape)) * np.dtype(dtype).itemsize,
+                                   raw_dtype=qtype)
+            plan.append((f, key, qtype))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for f, key, qtype in tqdm(plan, desc=f"writing {path.name}", unit="tensor", leave=False):
+        data = f.get_tensor(key).to(torch.float32).numpy()
         if arch in NORM_ROPE and (".q_proj." in key or ".k_proj." in key):
             il = int(key.split(".")[2])
             data = to_llama_cpp(data, shapes[il].n_head if ".q_proj." in key else shapes[il].n_kv_head)
-        qtype = _tensor_type(gname, data, wanted)
-        writer.add_tensor(gname, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
-
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file(progress=True)
+        writer.write_tensor_data(gguf.quants.quantize(data, qtype))
     writer.close()
 
 
@@ -214,17 +231,17 @@ def export(opts: GGUFExportOptions) -> Path:
     """Write the GGUF atomically (temporary sibling + rename); returns its path."""
     if opts.outtype not in OUTTYPES:
         raise UserError(f"unknown --outtype {opts.outtype!r}; choose from {', '.join(OUTTYPES)}")
-    loaded = load(opts.checkpoint)
-    if loaded.path.is_file():
+    directory = resolve(opts.checkpoint)
+    if directory.is_file():
         raise UserError(f"{opts.checkpoint}: already a GGUF file; export takes a checkpoint directory")
-    report = read_report(loaded.path)
+    config = read_config(opts.checkpoint)
+    report = read_report(directory)
     out = Path(opts.outfile) if opts.outfile else default_outfile(Path(opts.checkpoint), opts.outtype)
     if not out.parent.is_dir():
         raise UserError(f"{out.parent}: output's parent directory does not exist")
-    shapes = layer_shapes(loaded.model.config)
-    if any(s.ffn_dim == 0 for s in shapes):  # llama.cpp's deci skips such layers, attention included
+    if any(s.ffn_dim == 0 for s in layer_shapes(config)):  # llama.cpp's deci skips such layers, attention too
         raise UserError("a layer with MLP width 0 cannot be represented in llama.cpp's deci graph")
-    _rope_theta(loaded.model.config)
+    _rope_theta(config)
 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
@@ -233,10 +250,10 @@ def export(opts: GGUFExportOptions) -> Path:
     try:
         source = _source_gguf(report, opts.checkpoint)
         if opts.outtype in K_OUTTYPES:
-            write(loaded.model, loaded.path, source, staged, "f32", report)
+            write(directory, config, source, staged, "f32", report)
             _llama_quantize(staged, tmp, opts.outtype)
         else:
-            write(loaded.model, loaded.path, source, tmp, opts.outtype, report)
+            write(directory, config, source, tmp, opts.outtype, report)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -8,6 +8,8 @@ rope (halves), so a uniform Qwen2 keeps its rows as they are.
 """
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 NORM_ROPE = {"llama", "deci"}     # architectures whose Q/K rows are permuted
@@ -34,3 +36,67 @@ def to_llama_cpp(w: np.ndarray, n_head: int) -> np.ndarray:
 def from_llama_cpp(w: np.ndarray, n_head: int) -> np.ndarray:
     """The inverse of to_llama_cpp."""
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_kv(path, prefix: str = "") -> list[tuple[str, object, int, int | None]]:
+    """(key, value, value type, array element type) of the metadata keys starting with `prefix`.
+
+    gguf.GGUFReader builds a numpy view per array element: ~6 s for a 49K-token vocabulary. This
+    reads the header sequentially instead (numbers via numpy, strings by offset), in ~0.1 s.
+    """
+    import gguf
+
+    sizes = {gguf.GGUFValueType.UINT8: "<u1", gguf.GGUFValueType.INT8: "<i1", gguf.GGUFValueType.UINT16: "<u2",
+             gguf.GGUFValueType.INT16: "<i2", gguf.GGUFValueType.UINT32: "<u4", gguf.GGUFValueType.INT32: "<i4",
+             gguf.GGUFValueType.FLOAT32: "<f4", gguf.GGUFValueType.BOOL: "<u1", gguf.GGUFValueType.UINT64: "<u8",
+             gguf.GGUFValueType.INT64: "<i8", gguf.GGUFValueType.FLOAT64: "<f8"}
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # only the header's pages are read
+    if mapped[:4] != b"GGUF":
+        raise ValueError("not a GGUF file")
+    n_kv = int(np.frombuffer(mapped, "<u8", 1, 16)[0])
+    buf = memoryview(mapped)
+    pos = 24
+
+    def u(fmt: str) -> int:
+        nonlocal pos
+        v = np.frombuffer(buf, fmt, 1, pos)[0]
+        pos += np.dtype(fmt).itemsize
+        return int(v)
+
+    def string() -> str:
+        nonlocal pos
+        n = u("<u8")
+        s = bytes(buf[pos:pos + n]).decode("utf-8")
+        pos += n
+        return s
+
+    def value(vtype):
+        nonlocal pos
+        if vtype == gguf.GGUFValueType.STRING:
+            return string()
+        dt = np.dtype(sizes[vtype])
+        v = np.frombuffer(buf, dt, 1, pos)[0]
+        pos += dt.itemsize
+        return bool(v) if vtype == gguf.GGUFValueType.BOOL else v.item()
+
+    out = []
+    for _ in range(n_kv):
+        key = string()
+        vtype = gguf.GGUFValueType(u("<u4"))
+        if vtype == gguf.GGUFValueType.ARRAY:
+            sub = gguf.GGUFValueType(u("<u4"))
+            n = u("<u8")
+            if sub == gguf.GGUFValueType.STRING:
+                val = [string() for _ in range(n)]
+            else:
+                dt = np.dtype(sizes[sub])
+                val = np.frombuffer(buf, dt, n, pos).tolist()
+                pos += n * dt.itemsize
+            if key.startswith(prefix):
+                out.append((key, val, vtype, sub))
+        else:
+            val = value(vtype)
+            if key.startswith(prefix):
+                out.append((key, val, vtype, None))
+    return out
