@@ -44,23 +44,15 @@ def _rows(idx: list[int], width: int) -> torch.Tensor:
 
 def _cut_layer(sd: dict, prefix: str, p: LayerPlan, hd: int) -> None:
     heads, kv, ch = _rows(p.heads, hd), _rows(p.kv_heads, hd), torch.tensor(p.channels)
-    for names, idx in ((HEAD_ROWS, heads), (KV_ROWS, kv)):
+    # (module, projections, dimension cut, kept indices); biases follow their rows
+    cuts = [("self_attn", HEAD_ROWS, 0, heads), ("self_attn", KV_ROWS, 0, kv), ("self_attn", HEAD_COLS, 1, heads),
+            ("mlp", MLP_ROWS, 0, ch), ("mlp", MLP_COLS, 1, ch)]
+    for module, names, dim, idx in cuts:
         for n in names:
-            for kind in ("weight", "bias"):
-                key = f"{prefix}.self_attn.{n}.{kind}"
+            for kind in ("weight", "bias") if dim == 0 else ("weight",):
+                key = f"{prefix}.{module}.{n}.{kind}"
                 if key in sd:
-                    sd[key] = sd[key].index_select(0, idx)
-    for n in HEAD_COLS:
-        key = f"{prefix}.self_attn.{n}.weight"
-        sd[key] = sd[key].index_select(1, heads)
-    for n in MLP_ROWS:
-        for kind in ("weight", "bias"):
-            key = f"{prefix}.mlp.{n}.{kind}"
-            if key in sd:
-                sd[key] = sd[key].index_select(0, ch)
-    for n in MLP_COLS:
-        key = f"{prefix}.mlp.{n}.weight"
-        sd[key] = sd[key].index_select(1, ch)
+                    sd[key] = sd[key].index_select(dim, idx)
 
 
 def config_for(config, shapes: list[LayerShape]):
