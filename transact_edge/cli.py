@@ -106,8 +106,17 @@ def cmd_eval(a: argparse.Namespace) -> int:
         ids, name = corpus.stream(loaded.tokenizer, corpus.DEFAULT, "eval"), "shipped Wikipedia held-out pages"
     else:
         ids, name = corpus.token_stream(loaded.tokenizer, corpus.read_texts(a.text)), a.text
-    result = perplexity(loaded.model, ids, a.window, a.stride, a.max_tokens, a.batch_size, text=name)
-    print(f"{a.path}: {result.line()} [runtime: torch]")
+    model = loaded.model
+    if a.runtime == "onnxruntime":
+        from .ortruntime import OrtModel
+
+        if not a.onnx:
+            raise UserError("--runtime onnxruntime needs --onnx FILE (the exported graph)")
+        model = OrtModel(a.onnx)
+    elif a.runtime != "torch":
+        raise UserError(f"unknown --runtime {a.runtime!r}; choose from torch, onnxruntime")
+    result = perplexity(model, ids, a.window, a.stride, a.max_tokens, a.batch_size, text=name)
+    print(f"{a.path}: {result.line()} [runtime: {a.runtime}]")
     return 0
 
 
@@ -120,17 +129,26 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    if a.format != "gguf":
-        raise UserError(f"unknown --format {a.format!r}; choose from gguf")
-    from .exporters.gguf import GGUFExportOptions, export, verify
     from .loading import load
 
-    out = export(GGUFExportOptions(a.path, a.outtype, a.outfile))
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {a.outtype})")
+    if a.format == "gguf":
+        from .exporters.gguf import GGUFExportOptions, export, verify
+
+        out = export(GGUFExportOptions(a.path, a.outtype or "f16", a.outfile))
+        kind = a.outtype or "f16"
+    elif a.format == "onnx":
+        from .exporters.onnx import ONNXExportOptions, export, verify
+
+        out = export(ONNXExportOptions(a.path, a.outfile, a.dtype, a.quantize))
+        kind = a.quantize or a.dtype
+    else:
+        raise UserError(f"unknown --format {a.format!r}; choose from gguf, onnx")
+    size = sum(f.stat().st_size for f in out.parent.glob(out.name + "*"))
+    print(f"wrote {out} ({size / 2**20:.1f} MiB, {kind})")
     if not a.verify:
         return 0
     loaded = load(a.path)
-    result = verify(out, loaded.model, loaded.tokenizer, a.outtype)
+    result = verify(out, loaded.model, loaded.tokenizer, kind)
     print(result.line())
     return 1 if result.passed is False else 0
 
@@ -158,6 +176,13 @@ def cmd_demo(a: argparse.Namespace) -> int:
         failed |= v.passed is False
         print(f"| {path.name} | {path.stat().st_size / 2**20:.1f} | {100 * a.top1:.2f}% | {a.max_abs_diff:.3f} | "
               f"{a.kl:.5f} | {a.ppl_reference:.2f} | {a.ppl_other:.2f} | {'pass' if v.passed else 'FAIL'} ({v.rule}) |")
+
+    from .exporters import onnx
+
+    path = onnx.export(onnx.ONNXExportOptions(str(opts.out)))
+    v = onnx.verify(path, loaded.model, loaded.tokenizer, "fp32")
+    failed |= v.passed is False
+    print(f"\n{path.name}: {v.line()}")
     return 1 if failed else 0
 
 
@@ -178,14 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, help="default: the window (disjoint windows)")
     p.add_argument("--max-tokens", type=int, help="cap on tokens read from the text")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--runtime", default="torch", help="torch or onnxruntime")
+    p.add_argument("--onnx", type=Path, help="the ONNX graph exported from PATH (with --runtime onnxruntime)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="export a checkpoint to GGUF for llama.cpp")
     p.add_argument("path", help="checkpoint directory (pruned or not) or embedded name")
-    p.add_argument("--format", default="gguf", help="gguf")
-    p.add_argument("--outtype", default="f16", help="f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k")
-    p.add_argument("--outfile", type=Path, help="default: {checkpoint}-{outtype}.gguf beside the checkpoint")
-    p.add_argument("--verify", action="store_true", help="compare llama.cpp with PyTorch on held-out text")
+    p.add_argument("--format", default="gguf", help="gguf or onnx")
+    p.add_argument("--outtype", help="GGUF: f32, f16 (default), bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k")
+    p.add_argument("--dtype", default="fp32", help="ONNX: fp32 or fp16")
+    p.add_argument("--quantize", help="ONNX: int8 (dynamic quantization by onnxruntime)")
+    p.add_argument("--outfile", type=Path, help="default: {checkpoint}-{outtype}.gguf / {checkpoint}-{dtype}.onnx")
+    p.add_argument("--verify", action="store_true", help="compare the runtime with PyTorch on held-out text")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("inspect", help="per-layer widths, parameters and KV bytes of a checkpoint or GGUF")

@@ -35,9 +35,17 @@ class Perplexity:
         return asdict(self)
 
 
+def torch_logits(model):
+    """A logits function over (B, T) token batches for a transformers model."""
+    device = next(model.parameters()).device
+    model.eval()
+    return lambda x: model(input_ids=x.to(device), use_cache=False).logits
+
+
 @torch.inference_mode()
 def perplexity(model, ids: torch.Tensor, window: int = 512, stride: int | None = None,
                max_tokens: int | None = None, batch_size: int = 8, text: str = "held-out text") -> Perplexity:
+    """`model`: a transformers model, or any object with .logits((B, T) ids) -> (B, T, V) (ortruntime)."""
     stride = stride or window
     if not 0 < stride <= window:
         raise UserError(f"stride must be in (0, window={window}], got {stride}")
@@ -49,12 +57,11 @@ def perplexity(model, ids: torch.Tensor, window: int = 512, stride: int | None =
     inputs = torch.stack([ids[s:s + window] for s in starts])  # (n_windows, window)
     labels = inputs.clone()
     labels[1:, : window - stride] = -100  # already scored by the previous window
-    device = next(model.parameters()).device
+    logits_of = torch_logits(model) if isinstance(model, torch.nn.Module) else model.logits
     nll, count = 0.0, 0
-    model.eval()
     for x, y in tqdm(list(zip(inputs.split(batch_size), labels.split(batch_size))), desc="perplexity", leave=False):
-        logits = model(input_ids=x.to(device), use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
-        target = y[:, 1:].to(device)
+        logits = logits_of(x)[:, :-1].float()  # (B, T-1, V)
+        target = y[:, 1:].to(logits.device)
         nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                ignore_index=-100, reduction="sum").item()
         count += int((target != -100).sum())

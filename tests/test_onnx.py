@@ -1,0 +1,87 @@
+"""ONNX export with a per-layer KV cache, driven by plain onnxruntime."""
+import numpy as np
+import pytest
+import torch
+
+from transact_edge import corpus, plan
+from transact_edge.calibration import collect
+from transact_edge.checkpoint import save
+from transact_edge.cli import main
+from transact_edge.evaluate import perplexity
+from transact_edge.exporters.onnx import ONNXExportOptions, export, verify
+from transact_edge.ortruntime import OrtModel
+from transact_edge.shapes import LayerShape, layer_shapes
+from transact_edge.surgery import cut
+
+from conftest import TINY, tiny_model
+
+
+def _tiny_checkpoint(family, per_layer, path, tokenizer):
+    model = tiny_model(family)
+    s = layer_shapes(model.config)[0]
+    group = s.n_head // s.n_kv_head
+    widths = ([LayerShape(group, 1, 64), LayerShape(s.n_head, s.n_kv_head, 128), LayerShape(group, 1, 96)]
+              if per_layer else [LayerShape(group, 1, 64)] * 3)
+    x = corpus.stream(tokenizer, "wiki", "eval")[:64]
+    pruned = cut(model, plan.select(collect(model, x[None]), layer_shapes(model.config), widths))
+    save(path, pruned, tokenizer)
+    return pruned
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_tiny_export_matches_torch_and_decodes_with_past(family, per_layer, tmp_path, tokenizer):
+    pruned = _tiny_checkpoint(family, per_layer, tmp_path / "ckpt", tokenizer)
+    out = export(ONNXExportOptions(str(tmp_path / "ckpt"), tmp_path / "m.onnx"))
+    ort = OrtModel(out)
+    assert [h for _, h, _ in ort.past] == [s.n_kv_head for s in layer_shapes(pruned.config) for _ in range(2)]
+    ids = corpus.stream(tokenizer, "wiki", "eval")[:40].view(2, 20)
+    with torch.no_grad():
+        ref = pruned(input_ids=ids).logits
+    full = ort.logits(ids)
+    assert (full - ref).abs().max() < 1e-4
+    # a decode step with a non-empty past equals the full-sequence forward
+    first, past = ort.forward(ids[:, :15].numpy(), ort.empty_past(2))
+    rest, past = ort.forward(ids[:, 15:].numpy(), past)
+    assert np.abs(rest - full[:, 15:].numpy()).max() < 1e-4
+    assert next(iter(past.values())).shape[2] == 20
+
+
+def test_int8_quantization_reports_drift(tmp_path, tokenizer):
+    pruned = _tiny_checkpoint("llama", True, tmp_path / "ckpt", tokenizer)
+    out = export(ONNXExportOptions(str(tmp_path / "ckpt"), tmp_path / "m-int8.onnx", quantize="int8"))
+    result = verify(out, pruned, tokenizer, "int8", n_tokens=64, n_generate=4)
+    assert result.passed is None and "int8" in result.line()
+    assert 0 < result.agreement.max_abs_diff < 5  # quantized, so not identical, but close
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "m-int8.onnx"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_real_pruned_export_parity_and_greedy_text(smollm2, tmp_path, per_layer, capsys):
+    model = smollm2.model
+    ids = corpus.stream(smollm2.tokenizer)[: 2 * 256].view(2, 256)
+    stats = collect(model, ids)
+    shapes = layer_shapes(model.config)
+    uni = LayerShape(6, 2, 768)
+    widths = plan.per_layer_widths(stats, shapes, uni, 32) if per_layer else [uni] * len(shapes)
+    pruned = cut(model, plan.select(stats, shapes, widths))
+    save(tmp_path / "ckpt", pruned, smollm2.tokenizer)
+    rc = main(["export", str(tmp_path / "ckpt"), "--format", "onnx", "--outfile", str(tmp_path / "m.onnx"), "--verify"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "32 greedy tokens identical -> PASS" in out, out
+    ppl = perplexity(OrtModel(tmp_path / "m.onnx"), corpus.stream(smollm2.tokenizer, "wiki", "eval"), 256, max_tokens=512)
+    ref = perplexity(pruned, corpus.stream(smollm2.tokenizer, "wiki", "eval"), 256, max_tokens=512)
+    assert abs(ppl.ppl / ref.ppl - 1) < 1e-4
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--dtype", "int4"], "unknown --dtype"),
+    (["--quantize", "int4"], "unknown --quantize"),
+    (["--dtype", "fp16", "--quantize", "int8"], "starts from --dtype fp32"),
+])
+def test_onnx_bad_options(argv, needle, tmp_path, tiny_llama_dir, capsys):
+    rc = main(["export", str(tiny_llama_dir), "--format", "onnx", *argv, "--outfile", str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
