@@ -85,3 +85,17 @@ def test_onnx_bad_options(argv, needle, tmp_path, tiny_llama_dir, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and needle in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_cli_through_onnxruntime(tmp_path, tokenizer, capsys):
+    _tiny_checkpoint("mistral", True, tmp_path / "ckpt", tokenizer)
+    out = export(ONNXExportOptions(str(tmp_path / "ckpt"), tmp_path / "m.onnx"))
+    args = ["eval", str(tmp_path / "ckpt"), "--ppl", "--window", "64", "--max-tokens", "256"]
+    assert main(args) == 0
+    torch_line = capsys.readouterr().out
+    assert main(args + ["--runtime", "onnxruntime", "--onnx", str(out)]) == 0
+    ort_line = capsys.readouterr().out
+    assert "[runtime: onnxruntime]" in ort_line and "window 64, stride 64, 252 tokens scored" in ort_line
+    ppl = lambda line: float(line.split("perplexity ")[1].split()[0])  # noqa: E731
+    assert abs(ppl(ort_line) / ppl(torch_line) - 1) < 1e-4
+    assert main(args + ["--runtime", "onnxruntime"]) == 2
