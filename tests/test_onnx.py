@@ -99,3 +99,12 @@ def test_eval_cli_through_onnxruntime(tmp_path, tokenizer, capsys):
     ppl = lambda line: float(line.split("perplexity ")[1].split()[0])  # noqa: E731
     assert abs(ppl(ort_line) / ppl(torch_line) - 1) < 1e-4
     assert main(args + ["--runtime", "onnxruntime"]) == 2
+
+
+def test_fp16_export_runs_with_a_half_precision_cache(tmp_path, tokenizer):
+    pruned = _tiny_checkpoint("qwen2", False, tmp_path / "ckpt", tokenizer)
+    out = export(ONNXExportOptions(str(tmp_path / "ckpt"), tmp_path / "m16.onnx", dtype="fp16"))
+    ort = OrtModel(out)
+    assert ort.kv_dtype == np.float16
+    result = verify(out, pruned, tokenizer, "fp16", n_tokens=64, n_generate=4)
+    assert result.passed is None and result.agreement.max_abs_diff < 0.05, result.line()
