@@ -11,10 +11,7 @@ from .shapes import LayerShape, head_dim, kv_bytes_per_token, layer_shapes
 
 
 def _gguf(path: Path) -> dict:
-    import gguf
-
-    arch = check_gguf(path)
-    reader = gguf.GGUFReader(path)
+    arch, reader = check_gguf(path)
 
     def field(key: str, default=None):
         f = reader.get_field(f"{arch}.{key}")

@@ -49,8 +49,8 @@ def embedded_gguf(name: str) -> Path:
     return path
 
 
-def check_gguf(path: Path) -> str:
-    """Architecture of a GGUF file; one clear error for anything gguf-py cannot read."""
+def check_gguf(path: Path):
+    """(architecture, gguf.GGUFReader) of a GGUF file; one clear error for anything gguf-py cannot read."""
     import gguf
 
     try:
@@ -58,7 +58,7 @@ def check_gguf(path: Path) -> str:
         arch = reader.get_field("general.architecture").contents()
     except Exception as e:  # gguf-py raises ValueError, struct errors, IndexError on garbage
         raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-    return arch
+    return arch, reader
 
 
 def check_hf_dir(path: Path) -> str:
@@ -76,7 +76,7 @@ def check_hf_dir(path: Path) -> str:
     return model_type
 
 
-def _load_deci(path: Path, dtype: torch.dtype):
+def _load_deci(path: Path, reader, dtype: torch.dtype):
     """A per-layer GGUF (llama.cpp architecture `deci`, as our exporter writes it) as a per-layer model.
 
     transformers' GGUF loader does not know `deci`; gguf-py reads and dequantizes the tensors and
@@ -89,7 +89,6 @@ def _load_deci(path: Path, dtype: torch.dtype):
     from .modeling import PER_LAYER_CLASSES
     from .shapes import GLOBAL_KEYS, PER_LAYER_KEYS, layer_shapes
 
-    reader = gguf.GGUFReader(path)
     value = lambda key: reader.get_field(key).contents() if reader.get_field(key) else None  # noqa: E731
     d = {hf: value(f"deci.{key}") for hf, key in CONFIG_KEYS.items()}
     for field, key in GLOBAL_KEYS.items():
@@ -133,9 +132,9 @@ def _load_gguf(path: Path, dtype: torch.dtype):
 
     from .ggufmap import PER_LAYER_ARCH
 
-    arch = check_gguf(path)
+    arch, reader = check_gguf(path)  # parsed once: GGUFReader takes seconds on a large vocabulary
     if arch == PER_LAYER_ARCH:
-        return _load_deci(path, dtype)
+        return _load_deci(path, reader, dtype)
     family_of(arch)
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
