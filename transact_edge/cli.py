@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from .devices import PROFILES
 from .errors import UserError
 
 
@@ -186,6 +187,34 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    from . import bench
+    from .devices import open_device
+
+    if a.profile and a.profile not in PROFILES:
+        raise UserError(f"unknown profile {a.profile!r} (choose from {', '.join(PROFILES)})")
+    if a.output not in ("md", "json", "csv"):
+        raise UserError(f"unknown output format {a.output!r} (md, json or csv)")
+    tests = bench.Tests(bench.int_list(a.n_prompt, "-p"), bench.int_list(a.n_gen, "-n"),
+                        bench.int_list(a.n_depth, "-d"))
+    tests.cases()
+    for model in a.models:  # before touching any device
+        if a.runtime != "torch" and not Path(model).is_file():
+            raise UserError(f"model file not found: {model}")
+    with open_device(a.device, tuple(a.ssh_option), a.target) as device:
+        report = bench.run(a.models, a.runtime, tests, a.threads, a.reps, device, PROFILES.get(a.profile))
+    print(bench.render(report, a.output), end="")
+    return 0
+
+
+def cmd_build_llama(a: argparse.Namespace) -> int:
+    from . import llamabuild
+
+    out = llamabuild.build(a.target, a.ndk, a.jobs, a.force)
+    print(f"llama.cpp {llamabuild.version()} ({a.target}): " + ", ".join(str(out / t) for t in (*llamabuild.TOOLS, "membw")))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="transact-edge", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -223,6 +252,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-ctx", type=int, default=4096,
                    help="GGUF: context for which llama.cpp reports its KV-cache size (0: skip)")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("bench", help="llama-bench-style speed, KV-cache and memory of models on a device")
+    p.add_argument("models", nargs="+", metavar="MODEL", help=".gguf (llama.cpp), .onnx (onnxruntime), "
+                   "checkpoint dir or embedded name (torch)")
+    p.add_argument("--runtime", default="llama.cpp", help="llama.cpp (default), onnxruntime or torch")
+    p.add_argument("-p", "--n-prompt", default="512", help="prompt lengths, comma-separated (0: none)")
+    p.add_argument("-n", "--n-gen", default="128", help="generation lengths, comma-separated (0: none)")
+    p.add_argument("-d", "--n-depth", default="0", help="tokens already in the KV cache, comma-separated")
+    p.add_argument("-t", "--threads", type=_positive_int, help="default: the profile's or all cores")
+    p.add_argument("-r", "--reps", type=_positive_int, default=5)
+    p.add_argument("-o", "--output", default="md", help="md, json or csv")
+    p.add_argument("--device", default="local", help="local, ssh://user@host[:port], adb[:serial], qemu-arm64")
+    p.add_argument("--profile", help="device profile (threads, context, memory cap): " + ", ".join(PROFILES))
+    p.add_argument("--target", help="llama.cpp build to run on the device (default: from its CPU)")
+    p.add_argument("--ssh-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="passed to ssh and scp as -o (e.g. IdentityFile=~/.ssh/board)")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("build-llama", help="build llama.cpp's llama-bench/-completion/-perplexity for a target")
+    p.add_argument("--target", default="native", help="native, aarch64-linux-gnu or android-arm64")
+    p.add_argument("--ndk", help="Android NDK (android-arm64); default $ANDROID_NDK")
+    p.add_argument("-j", "--jobs", type=_positive_int)
+    p.add_argument("--force", action="store_true", help="rebuild even when a complete build is cached")
+    p.set_defaults(func=cmd_build_llama)
 
     p = sub.add_parser("demo", help="prune the embedded SmolLM2-135M and compare before/after")
     _add_prune_args(p)

@@ -39,7 +39,23 @@ def from_llama_cpp(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def read_kv(path, prefix: str = "") -> list[tuple[str, object, int, int | None]]:
-    """(key, value, value type, array element type) of the metadata keys starting with `prefix`.
+    """(key, value, value type, array element type) of the metadata keys starting with `prefix`."""
+    return [kv for kv in read_header(path)[0] if kv[0].startswith(prefix)]
+
+
+def tensor_bytes(path) -> dict[str, int]:
+    """Bytes each tensor occupies in the file, from the header alone."""
+    import gguf
+
+    out = {}
+    for name, shape, ttype in read_header(path)[1]:
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
+        out[name] = int(np.prod(shape)) // block * size
+    return out
+
+
+def read_header(path) -> tuple[list[tuple[str, object, int, int | None]], list[tuple[str, tuple[int, ...], int]]]:
+    """All metadata (key, value, value type, array element type) and tensor infos (name, shape, type).
 
     gguf.GGUFReader builds a numpy view per array element: ~6 s for a 49K-token vocabulary. This
     reads the header sequentially instead (numbers via numpy, strings by offset), in ~0.1 s.
@@ -54,6 +70,7 @@ def read_kv(path, prefix: str = "") -> list[tuple[str, object, int, int | None]]
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # only the header's pages are read
     if mapped[:4] != b"GGUF":
         raise ValueError("not a GGUF file")
+    n_tensors = int(np.frombuffer(mapped, "<u8", 1, 8)[0])
     n_kv = int(np.frombuffer(mapped, "<u8", 1, 16)[0])
     buf = memoryview(mapped)
     pos = 24
@@ -93,10 +110,14 @@ def read_kv(path, prefix: str = "") -> list[tuple[str, object, int, int | None]]
                 dt = np.dtype(sizes[sub])
                 val = np.frombuffer(buf, dt, n, pos).tolist()
                 pos += n * dt.itemsize
-            if key.startswith(prefix):
-                out.append((key, val, vtype, sub))
+            out.append((key, val, vtype, sub))
         else:
-            val = value(vtype)
-            if key.startswith(prefix):
-                out.append((key, val, vtype, None))
-    return out
+            out.append((key, value(vtype), vtype, None))
+    tensors = []
+    for _ in range(n_tensors):
+        name = string()
+        shape = tuple(u("<u8") for _ in range(u("<u4")))
+        ttype = u("<u4")
+        u("<u8")  # data offset
+        tensors.append((name, shape, ttype))
+    return out, tensors

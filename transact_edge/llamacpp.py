@@ -58,8 +58,9 @@ def _captured_log(sink: list[str]):
         llama_cpp.llama_log_set(lcl.llama_log_callback, ctypes.c_void_p(0))
 
 
-def open_gguf(path: Path, n_ctx: int = 512, flash_attn: bool = True, threads: int | None = None) -> Runtime:
-    """A llama.cpp context over a GGUF with logits for every position."""
+def open_gguf(path: Path, n_ctx: int = 512, flash_attn: bool = True, threads: int | None = None,
+              logits_all: bool = True) -> Runtime:
+    """A llama.cpp context over a GGUF, by default with logits for every position."""
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -67,8 +68,9 @@ def open_gguf(path: Path, n_ctx: int = 512, flash_attn: bool = True, threads: in
     log: list[str] = []
     with _captured_log(log):
         try:
-            llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True,
-                        flash_attn=flash_attn, n_threads=threads or os.cpu_count(), verbose=False, seed=0)
+            llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=logits_all,
+                        flash_attn=flash_attn, n_threads=threads or os.cpu_count(),
+                        n_threads_batch=threads or os.cpu_count(), verbose=False, seed=0)
         except ValueError as e:
             tail = " | ".join(l.strip() for l in log[-3:])
             raise UserError(f"{path}: llama.cpp cannot load this file ({e}; {tail})") from None

@@ -1,0 +1,173 @@
+"""Build llama.cpp's own tools (llama-bench, llama-completion, llama-perplexity) for a target.
+
+The source is the sdist of the installed llama-cpp-python version, so the binaries run the same
+llama.cpp as the Python runtime. Builds are static, cached under $TRANSACT_EDGE_BUILDS (default
+~/.cache/transact_edge/builds) keyed by version and target, and reused when complete. Alongside the
+tools each build holds `membw`, the memory-bandwidth probe used by the roofline (data/membw.c).
+
+In this llama.cpp version the classic one-shot `llama-cli` is `llama-completion`; the new
+`llama-cli` is a chat client built on the server, which we do not build.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+TOOLS = ("llama-bench", "llama-completion", "llama-perplexity")
+# These VMs advertise AMX but fault on its instructions (SIGILL in ggml's tileloadd); the README
+# builds llama-cpp-python with the same flags, so native tools and the Python runtime match.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+COMMON = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+          "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF",
+          "-DLLAMA_OPENSSL=OFF", "-DGGML_OPENMP=OFF"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """How to configure one target: CMake arguments, the C compiler for membw, and its runner."""
+    cmake: tuple[str, ...]
+    cc: str
+    cflags: str = ""
+    membw_flags: str = ""        # for the probe: vectorised loads like ggml's kernels
+    needs_ndk: bool = False
+    machine: str = ""            # `uname -m` of devices this build runs on
+
+
+def _ndk_clang(ndk: str) -> str:
+    return str(Path(ndk) / "toolchains/llvm/prebuilt/linux-x86_64/bin/aarch64-linux-android28-clang")
+
+
+TARGETS: dict[str, Target] = {
+    "native": Target(cmake=("-DGGML_NATIVE=ON",), cc="cc",
+                     cflags=NO_AMX if platform.machine() == "x86_64" else "", membw_flags="-march=native",
+                     machine=platform.machine()),
+    "aarch64-linux-gnu": Target(
+        cmake=("-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64",
+               "-DCMAKE_C_COMPILER=aarch64-linux-gnu-gcc", "-DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++",
+               "-DGGML_NATIVE=OFF", "-DCMAKE_EXE_LINKER_FLAGS=-static"),
+        cc="aarch64-linux-gnu-gcc", machine="aarch64"),
+    # llama.cpp's docs/android.md recipe
+    "android-arm64": Target(
+        cmake=("-DANDROID_ABI=arm64-v8a", "-DANDROID_PLATFORM=android-28", "-DGGML_NATIVE=OFF",
+               "-DGGML_LLAMAFILE=OFF"),
+        cc="", needs_ndk=True, machine="aarch64"),
+}
+
+
+def version() -> str:
+    return importlib.metadata.version("llama-cpp-python")
+
+
+def builds_root() -> Path:
+    return Path(os.environ.get("TRANSACT_EDGE_BUILDS", Path.home() / ".cache" / "transact_edge" / "builds"))
+
+
+def bin_dir(target: str) -> Path:
+    return builds_root() / f"llama.cpp-{version()}" / target / "bin"
+
+
+def find(target: str, tool: str = "llama-bench") -> Path | None:
+    """The built tool for a target, or None when `build-llama` has not been run for it."""
+    path = bin_dir(target) / tool
+    return path if path.is_file() else None
+
+
+def vendored_source() -> Path:
+    """llama.cpp as vendored in the installed llama-cpp-python's sdist (fetched once with pip)."""
+    root = builds_root() / "sdist" / f"llama_cpp_python-{version()}"
+    source = root / "vendor" / "llama.cpp"
+    if not (source / "CMakeLists.txt").is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                                   f"llama-cpp-python=={version()}", "-d", tmp], capture_output=True, text=True)
+            if proc.returncode:
+                raise UserError(f"cannot fetch the llama-cpp-python {version()} sdist: "
+                                f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+            with tarfile.open(next(Path(tmp).glob("*.tar.gz"))) as tar:
+                tar.extractall(root.parent, filter="data")
+    return source
+
+
+def _require(program: str, why: str) -> None:
+    if shutil.which(program) is None:
+        raise UserError(f"{program} not found ({why})")
+
+
+def build(target: str, ndk: str | None = None, jobs: int | None = None, force: bool = False) -> Path:
+    """Configure and build the tools for `target`; return the directory holding them."""
+    if target not in TARGETS:
+        raise UserError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
+    spec = TARGETS[target]
+    out = bin_dir(target)
+    if not force and all((out / t).is_file() for t in (*TOOLS, "membw")):
+        return out
+    _require("cmake", "install cmake")
+    cmake = list(COMMON) + list(spec.cmake)
+    cc = spec.cc
+    if spec.needs_ndk:
+        ndk = ndk or os.environ.get("ANDROID_NDK") or os.environ.get("ANDROID_NDK_HOME")
+        if not ndk or not (Path(ndk) / "build/cmake/android.toolchain.cmake").is_file():
+            raise UserError("android-arm64 needs the Android NDK: pass --ndk PATH or set ANDROID_NDK")
+        cmake.append(f"-DCMAKE_TOOLCHAIN_FILE={Path(ndk) / 'build/cmake/android.toolchain.cmake'}")
+        cc = _ndk_clang(ndk)
+    elif cc != "cc":
+        _require(cc, "install gcc-aarch64-linux-gnu and g++-aarch64-linux-gnu")
+    if spec.cflags:
+        cmake += [f"-DCMAKE_C_FLAGS={spec.cflags}", f"-DCMAKE_CXX_FLAGS={spec.cflags}"]
+    if shutil.which("ninja"):
+        cmake += ["-G", "Ninja"]
+    source = vendored_source()
+    work = out.parent / "cmake-build"
+    staging = out.parent / ".bin.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    jobs = jobs or os.cpu_count() or 1
+    _run(["cmake", "-S", str(source), "-B", str(work), *cmake], f"configure {target}")
+    _run(["cmake", "--build", str(work), "--target", *TOOLS, "-j", str(jobs)], f"build {target}")
+    for tool in TOOLS:
+        shutil.copy2(work / "bin" / tool, staging / tool)
+    _compile_membw(target, cc, staging / "membw")
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    return out
+
+
+def _compile_membw(target: str, cc: str, out: Path) -> None:
+    spec = TARGETS[target]
+    static = ["-static"] if target != "native" and not spec.needs_ndk else []
+    _run([cc, "-O3", "-pthread", *spec.cflags.split(), *spec.membw_flags.split(),
+          str(Path(__file__).parent / "data" / "membw.c"), "-o", str(out), *static], f"compile membw for {target}")
+
+
+def membw(target: str) -> Path | None:
+    """The bandwidth probe for a target: from its build, or (native) compiled on demand with cc."""
+    built = bin_dir(target) / "membw"
+    if built.is_file():
+        return built
+    if target != "native" or shutil.which("cc") is None:
+        return None
+    out = builds_root() / "membw-native" / "membw"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".partial")
+        _compile_membw(target, "cc", tmp)
+        tmp.rename(out)
+    return out
+
+
+def _run(cmd: list[str], what: str) -> None:
+    """Run a build step with its output streamed to the terminal; fail with one line."""
+    print(f"[build-llama] {what}: {' '.join(cmd[:3])} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise UserError(f"build-llama: {what} failed (exit {proc.returncode}); see the output above")
