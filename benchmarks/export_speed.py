@@ -3,7 +3,7 @@
     python benchmarks/export_speed.py CHECKPOINT_DIR --outtype q8_0
 
 llama.cpp's converter is taken from the sdist of the installed llama-cpp-python version (fetched
-with `pip download` into ~/.cache/transact_edge/sdist, the package registry being the only network
+with `pip download` into ~/.cache/transact_edge/builds/sdist, the package registry being the only network
 allowed), with its own vendored gguf-py. Each side runs in its own process; wall time and peak RSS
 (of the child, from wait4) are recorded. Goal (issue 3): ours <= 1.0 x its time.
 Writes benchmarks/results/export_speed.json.
@@ -11,12 +11,10 @@ Writes benchmarks/results/export_speed.json.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -24,20 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
 
-CACHE = Path(os.environ.get("TRANSACT_EDGE_CACHE", Path.home() / ".cache" / "transact_edge"))
-
-
-def vendored_llama_cpp() -> Path:
-    version = importlib.metadata.version("llama-cpp-python")
-    root = CACHE / "sdist" / f"llama_cpp_python-{version}"
-    if not (root / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py").is_file():
-        with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                            f"llama-cpp-python=={version}", "-d", tmp], check=True, capture_output=True)
-            with tarfile.open(next(Path(tmp).glob("*.tar.gz"))) as tar:
-                tar.extractall(root.parent, filter="data")
-    return root / "vendor" / "llama.cpp"
-
+from transact_edge.llamabuild import vendored_source  # noqa: E402
 
 def timed(cmd: list[str], env: dict | None = None) -> dict:
     start = time.perf_counter()
@@ -54,7 +39,7 @@ def main() -> None:
     ap.add_argument("--outtype", default="q8_0", choices=["f32", "f16", "bf16", "q8_0"])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "export_speed.json")
     a = ap.parse_args()
-    llama_dir = vendored_llama_cpp()
+    llama_dir = vendored_source()
     with tempfile.TemporaryDirectory() as tmp:
         ours = timed([sys.executable, "-m", "transact_edge", "export", str(a.checkpoint), "--format", "gguf",
                       "--outtype", a.outtype, "--outfile", f"{tmp}/ours.gguf"])

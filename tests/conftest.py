@@ -9,8 +9,13 @@ import pytest
 import torch
 import transformers
 
+from transact_edge import corpus, plan
 from transact_edge.arch import FAMILIES
+from transact_edge.calibration import collect
+from transact_edge.checkpoint import save
 from transact_edge.loading import load
+from transact_edge.shapes import LayerShape, is_uniform, layer_shapes
+from transact_edge.surgery import cut
 
 # One tiny config per supported family: GQA everywhere, biases where the family has them.
 TINY = {
@@ -60,3 +65,23 @@ def tiny_dir(request, tmp_path_factory, tokenizer):
 @pytest.fixture
 def tiny_llama_dir(tmp_path_factory, tokenizer):
     return _save_tiny("llama", tmp_path_factory, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def pruned_dirs(smollm2, tmp_path_factory):
+    """SmolLM2 pruned to 2 KV heads and MLP 768: uniform and per-layer checkpoints."""
+    model = smollm2.model
+    ids = corpus.stream(smollm2.tokenizer)[: 4 * 256].view(4, 256)
+    stats = collect(model, ids)
+    shapes = layer_shapes(model.config)
+    uni = LayerShape(6, 2, 768)
+    out = {}
+    for name, widths in (("uniform", [uni] * len(shapes)),
+                         ("per_layer", plan.per_layer_widths(stats, shapes, uni, round_to=32))):
+        path = tmp_path_factory.mktemp(name)
+        report = {"source": {"model": "smollm2-135m"}, "options": {"shots": 1, "train_tokens": 0},
+                  "calibration": {"tokens": ids.numel()}, "dense": {"params": 134515008}}
+        save(path, cut(model, plan.select(stats, shapes, widths)), smollm2.tokenizer, report)
+        out[name] = path
+    assert not is_uniform(layer_shapes(load(str(out["per_layer"])).model.config))
+    return out

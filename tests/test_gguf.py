@@ -12,30 +12,10 @@ from transact_edge.cli import main
 from transact_edge.exporters.gguf import GGUFExportOptions, export, verify
 from transact_edge.llamacpp import open_gguf
 from transact_edge.loading import load
-from transact_edge.shapes import LayerShape, head_dim, is_uniform, layer_shapes
+from transact_edge.shapes import LayerShape, head_dim, layer_shapes
 from transact_edge.surgery import cut
 
 from conftest import TINY, tiny_model
-
-
-@pytest.fixture(scope="module")
-def pruned_dirs(smollm2, tmp_path_factory):
-    """SmolLM2 pruned to 2 KV heads and MLP 768: uniform and per-layer checkpoints."""
-    model = smollm2.model
-    ids = corpus.stream(smollm2.tokenizer)[: 4 * 256].view(4, 256)
-    stats = collect(model, ids)
-    shapes = layer_shapes(model.config)
-    uni = LayerShape(6, 2, 768)
-    out = {}
-    for name, widths in (("uniform", [uni] * len(shapes)),
-                         ("per_layer", plan.per_layer_widths(stats, shapes, uni, round_to=32))):
-        path = tmp_path_factory.mktemp(name)
-        report = {"source": {"model": "smollm2-135m"}, "options": {"shots": 1, "train_tokens": 0},
-                  "calibration": {"tokens": ids.numel()}, "dense": {"params": 134515008}}
-        save(path, cut(model, plan.select(stats, shapes, widths)), smollm2.tokenizer, report)
-        out[name] = path
-    assert not is_uniform(layer_shapes(load(str(out["per_layer"])).model.config))
-    return out
 
 
 @pytest.mark.slow

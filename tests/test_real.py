@@ -1,5 +1,4 @@
 """The real SmolLM2-135M: the issue's acceptance command, masked-forward equality, reload, resume."""
-import copy
 import json
 import subprocess
 import sys

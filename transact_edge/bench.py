@@ -43,16 +43,26 @@ def int_list(text: str, what: str) -> list[int]:
     return values
 
 
+def pair(text: str) -> tuple[int, int]:
+    """'256,64' -> (256, 64): a prompt-then-generate test (llama-bench's -pg)."""
+    values = int_list(text, "-pg")
+    if len(values) != 2 or 0 in values:
+        raise UserError(f"bad -pg {text!r}: expected PROMPT,GEN with both > 0, e.g. 256,64")
+    return values[0], values[1]
+
+
 @dataclass(frozen=True)
 class Tests:
     n_prompt: list[int]
     n_gen: list[int]
     depths: list[int]
+    pg: list[tuple[int, int]] = field(default_factory=list)
 
     def cases(self) -> list[tuple[int, int, int]]:
-        """(prompt, gen, depth) like llama-bench: pp tests then tg tests, per depth."""
+        """(prompt, gen, depth) like llama-bench: pp tests, tg tests, then pp+tg tests, per depth."""
         out = [(p, 0, d) for d in self.depths for p in self.n_prompt if p > 0]
         out += [(0, n, d) for d in self.depths for n in self.n_gen if n > 0]
+        out += [(p, n, d) for d in self.depths for p, n in self.pg]
         if not out:
             raise UserError("no test to run: -p and -n are both 0")
         return sorted(out, key=lambda c: c[2])
@@ -62,7 +72,7 @@ class Tests:
 
 
 def test_name(p: int, n: int, d: int) -> str:
-    return (f"pp{p}" if p else f"tg{n}") + (f" @ d{d}" if d else "")
+    return ("+".join(([f"pp{p}"] if p else []) + ([f"tg{n}"] if n else []))) + (f" @ d{d}" if d else "")
 
 
 # ---- what a model reads per token ----------------------------------------------------------------
@@ -250,14 +260,13 @@ def measure(runtime: str, model: str, cases: list[tuple[int, int, int]], threads
         samples = []
         for _ in range(reps):
             session.truncate(d)
-            tokens = rng.integers(vocab, size=p or n)
+            tokens = rng.integers(vocab, size=p + n)
             start = time.perf_counter()
             if p:
-                session.eval(tokens)
-            else:
-                for i in range(n):
-                    session.eval(tokens[i:i + 1])
-            samples.append((p or n) / (time.perf_counter() - start))
+                session.eval(tokens[:p])
+            for i in range(n):
+                session.eval(tokens[p + i:p + i + 1])
+            samples.append((p + n) / (time.perf_counter() - start))
         results.append({"n_prompt": p, "n_gen": n, "n_depth": d, "samples_ts": samples})
     return {"results": results, "kv": session.kv, "rss_before_model_mib": before}
 
@@ -272,6 +281,7 @@ class ModelRun:
     kv: dict | None
     peak_rss_mib: float | None
     rss_before_model_mib: float | None = None   # Python workers: what the interpreter held before loading
+    greedy: dict | None = None                   # remote/emulated devices: same greedy text as here?
     rows: list[dict] = field(default_factory=list)
 
 
@@ -288,6 +298,8 @@ def _run_llama_bench(device, binary: Path, f: ModelFacts, tests: Tests, threads:
     exe, model = device.put(binary), device.put(Path(f.path))
     argv = [exe, "-m", model, "-p", ",".join(map(str, tests.n_prompt)), "-n", ",".join(map(str, tests.n_gen)),
             "-d", ",".join(map(str, tests.depths)), "-t", str(threads), "-r", str(reps), "-o", "json", "-v"]
+    for p, n in tests.pg:
+        argv += ["-pg", f"{p},{n}"]
     res = device.run(argv)
     if res.rc:
         tail = [l for l in res.stderr.strip().splitlines() if l.strip()][-1:] or [f"exit {res.rc}"]
@@ -308,6 +320,28 @@ def _run_worker(device, runtime: str, f: ModelFacts, tests: Tests, threads: int,
     out = json.loads(res.stdout.strip().splitlines()[-1])
     backend = "llama-cpp-python" if runtime == "llama.cpp" else runtime
     return ModelRun(f, backend, out["results"], out["kv"], res.peak_rss_mib, out["rss_before_model_mib"])
+
+
+GREEDY_PROMPT = "The history of the city begins"
+
+
+def greedy_text(device, model: ModelFacts, n: int, threads: int) -> str:
+    """`n` greedy tokens (as text) after GREEDY_PROMPT, by llama.cpp's own llama-completion on the
+    device, or by llama-cpp-python here when no native build exists."""
+    binary = llamabuild.find(device.target, "llama-completion")
+    if binary is None and device.name == "local":
+        from .llamacpp import open_gguf
+        rt = open_gguf(Path(model.path), n_ctx=512, threads=threads, logits_all=False)
+        out = rt.llm.create_completion(GREEDY_PROMPT, max_tokens=n, temperature=0.0, top_k=1, seed=0)
+        return out["choices"][0]["text"]
+    if binary is None:
+        raise UserError(f"no llama-completion for {device.target}: run transact-edge build-llama --target {device.target}")
+    res = device.run([device.put(binary), "-m", device.put(Path(model.path)), "-p", GREEDY_PROMPT, "-n", str(n),
+                      "-no-cnv", "--temp", "0", "--top-k", "1", "-s", "0", "-c", "512", "-t", str(threads),
+                      "--ignore-eos", "--no-display-prompt", "--no-warmup"])
+    if res.rc:
+        raise UserError(f"{device.name}: llama-completion failed on {model.name} (exit {res.rc})")
+    return res.stdout.strip()
 
 
 def bandwidth(device, threads: int) -> float:
@@ -334,7 +368,7 @@ class Report:
 
 
 def run(models: list[str], runtime: str, tests: Tests, threads: int | None, reps: int, device,
-        profile=None) -> Report:
+        profile=None, greedy: int = 32) -> Report:
     """Benchmark every model on `device`, each in its own process."""
     if runtime not in RUNTIMES:
         raise UserError(f"unknown runtime {runtime!r} (choose from {', '.join(RUNTIMES)})")
@@ -360,7 +394,12 @@ def run(models: list[str], runtime: str, tests: Tests, threads: int | None, reps
         print(f"[bench] {f.name} on {device.name} ({len(cases)} tests x {reps})", file=sys.stderr, flush=True)
         r = (_run_llama_bench(device, binary, f, tests, threads, reps) if binary
              else _run_worker(device, runtime, f, tests, threads, reps))
+        r.results.sort(key=lambda x: (x["n_depth"], bool(x["n_prompt"]) and bool(x["n_gen"]), x["n_prompt"] == 0))
         r.rows = [_row(r, res, runtime, threads, bw, device.emulated) for res in r.results]
+        if greedy and binary and device.name != "local":
+            from .devices import Local
+            there, here = greedy_text(device, f, greedy, threads), greedy_text(Local(), f, greedy, threads)
+            r.greedy = {"tokens": greedy, "identical": there == here, "device": there, "local": here}
         runs.append(r)
     return Report(device.name, device.target, device.emulated, threads, bw, runs)
 
@@ -372,8 +411,9 @@ def _row(r: ModelRun, res: dict, runtime: str, threads: int, bw: float, emulated
            "runtime": runtime, "backend": r.backend, "threads": threads, "test": test_name(p, n, d),
            "n_prompt": p, "n_gen": n, "n_depth": d, "ts_mean": statistics.fmean(s),
            "ts_sd": statistics.stdev(s) if len(s) > 1 else 0.0, "emulated": emulated,
-           "roofline_ts": None, "roofline_share": None}
-    if n:
+           "roofline_ts": None, "roofline_share": None,
+           "latency_ms": 1000 * (p + n) / statistics.fmean(s) if p and n else None}
+    if n and not p:
         row["roofline_ts"] = bw * 1e9 / (r.facts.weight_bytes_per_token + d * r.facts.kv_bytes_per_token)
         row["roofline_share"] = row["ts_mean"] / row["roofline_ts"]
     return row
@@ -381,7 +421,7 @@ def _row(r: ModelRun, res: dict, runtime: str, threads: int, bw: float, emulated
 
 def summary(r: ModelRun) -> dict:
     """Per model: KV cache as llama.cpp reported it vs the per-layer sum, peak RSS, bytes per token."""
-    out = {"model": r.facts.name, "backend": r.backend, "peak_rss_mib": r.peak_rss_mib,
+    out = {"model": r.facts.name, "backend": r.backend, "peak_rss_mib": r.peak_rss_mib, "greedy": r.greedy,
            "rss_before_model_mib": r.rss_before_model_mib,
            "weight_bytes_per_token": r.facts.weight_bytes_per_token, "kv_bytes_per_token": r.facts.kv_bytes_per_token,
            "kv_ctx": None, "kv_mib_llama_cpp": None, "kv_mib_per_layer_sum": None}
@@ -414,9 +454,16 @@ def render(report: Report, fmt: str) -> str:
              "| model | size | params | backend | threads | test | t/s | roofline t/s | of roofline |",
              "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
+        if row["latency_ms"]:
+            continue
         roof = (f"{row['roofline_ts']:.1f} | {100 * row['roofline_share']:.0f}%" if row["roofline_ts"] else "- | -")
         lines.append(f"| {row['model']} | {row['size_mib']:.1f} MiB | {row['params_m']:.2f} M | {row['backend']} | "
                      f"{row['threads']} | {row['test']} | {row['ts_mean']:.2f} ± {row['ts_sd']:.2f} | {roof} |")
+    latency = [row for row in rows if row["latency_ms"]]
+    if latency:
+        lines += ["", "| model | prefix + decode | latency ms | t/s |", "| --- | ---: | ---: | ---: |"]
+        lines += [f"| {r['model']} | {r['test']} | {r['latency_ms']:.0f} | {r['ts_mean']:.2f} ± {r['ts_sd']:.2f} |"
+                  for r in latency]
     lines += ["", "| model | KV MiB (llama.cpp) | per-layer sum MiB | @ ctx | KV bytes/token | weight bytes/token | "
                   "peak RSS MiB |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in sums:
@@ -426,6 +473,11 @@ def render(report: Report, fmt: str) -> str:
         if s["rss_before_model_mib"]:
             rss += f" ({s['rss_before_model_mib']:.0f} before loading)"
         lines.append(f"| {s['model']} | {kv} | {s['kv_bytes_per_token']:,} | {s['weight_bytes_per_token']:,} | {rss} |")
+    for r in report.runs:
+        if r.greedy:
+            verdict = "identical to" if r.greedy["identical"] else "DIFFERENT from"
+            lines.append(f"\n{r.facts.name}: {r.greedy['tokens']} greedy tokens on {report.device} {verdict} this "
+                         f"machine's: {r.greedy['device'][:80]!r}")
     return "\n".join(lines) + "\n"
 
 

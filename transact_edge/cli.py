@@ -196,13 +196,13 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if a.output not in ("md", "json", "csv"):
         raise UserError(f"unknown output format {a.output!r} (md, json or csv)")
     tests = bench.Tests(bench.int_list(a.n_prompt, "-p"), bench.int_list(a.n_gen, "-n"),
-                        bench.int_list(a.n_depth, "-d"))
+                        bench.int_list(a.n_depth, "-d"), [bench.pair(t) for t in a.pg])
     tests.cases()
     for model in a.models:  # before touching any device
         if a.runtime != "torch" and not Path(model).is_file():
             raise UserError(f"model file not found: {model}")
     with open_device(a.device, tuple(a.ssh_option), a.target) as device:
-        report = bench.run(a.models, a.runtime, tests, a.threads, a.reps, device, PROFILES.get(a.profile))
+        report = bench.run(a.models, a.runtime, tests, a.threads, a.reps, device, PROFILES.get(a.profile), a.greedy)
     print(bench.render(report, a.output), end="")
     return 0
 
@@ -260,12 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--n-prompt", default="512", help="prompt lengths, comma-separated (0: none)")
     p.add_argument("-n", "--n-gen", default="128", help="generation lengths, comma-separated (0: none)")
     p.add_argument("-d", "--n-depth", default="0", help="tokens already in the KV cache, comma-separated")
+    p.add_argument("-pg", action="append", default=[], metavar="P,N",
+                   help="prompt of P tokens then N generated, timed together (repeatable; latency)")
     p.add_argument("-t", "--threads", type=_positive_int, help="default: the profile's or all cores")
     p.add_argument("-r", "--reps", type=_positive_int, default=5)
     p.add_argument("-o", "--output", default="md", help="md, json or csv")
     p.add_argument("--device", default="local", help="local, ssh://user@host[:port], adb[:serial], qemu-arm64")
     p.add_argument("--profile", help="device profile (threads, context, memory cap): " + ", ".join(PROFILES))
     p.add_argument("--target", help="llama.cpp build to run on the device (default: from its CPU)")
+    p.add_argument("--greedy", type=int, default=32, metavar="N",
+                   help="on other devices: check that N greedy tokens equal this machine's (0: skip)")
     p.add_argument("--ssh-option", action="append", default=[], metavar="KEY=VALUE",
                    help="passed to ssh and scp as -o (e.g. IdentityFile=~/.ssh/board)")
     p.set_defaults(func=cmd_bench)

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 from .checkpoint import read_report
-from .errors import UserError
 from .loading import check_gguf, check_hf_dir, resolve
 from .shapes import LayerShape, head_dim, kv_bytes_per_token, layer_shapes
 

@@ -10,6 +10,7 @@ In this llama.cpp version the classic one-shot `llama-cli` is `llama-completion`
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import platform
@@ -73,11 +74,16 @@ def builds_root() -> Path:
 
 
 def bin_dir(target: str) -> Path:
-    return builds_root() / f"llama.cpp-{version()}" / target / "bin"
+    """Keyed by llama-cpp-python version, target, and a digest of how it is built."""
+    recipe = repr((COMMON, TOOLS, TARGETS[target])) + (Path(__file__).parent / "data" / "membw.c").read_text()
+    digest = hashlib.sha256(recipe.encode()).hexdigest()[:10]
+    return builds_root() / f"llama.cpp-{version()}" / f"{target}-{digest}" / "bin"
 
 
 def find(target: str, tool: str = "llama-bench") -> Path | None:
     """The built tool for a target, or None when `build-llama` has not been run for it."""
+    if target not in TARGETS:
+        raise UserError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
     path = bin_dir(target) / tool
     return path if path.is_file() else None
 
@@ -151,6 +157,8 @@ def _compile_membw(target: str, cc: str, out: Path) -> None:
 
 def membw(target: str) -> Path | None:
     """The bandwidth probe for a target: from its build, or (native) compiled on demand with cc."""
+    if target not in TARGETS:
+        return None
     built = bin_dir(target) / "membw"
     if built.is_file():
         return built
