@@ -224,7 +224,7 @@ class _Torch:
 
         from .loading import load
         torch.set_num_threads(threads)
-        self.torch, self.model = torch, load(source).model.eval()
+        self.torch, self.model, self.empty = torch, load(source).model.eval(), DynamicCache
         self.cache = DynamicCache()
 
     def eval(self, tokens: np.ndarray) -> None:
@@ -233,7 +233,11 @@ class _Torch:
         self.cache = out.past_key_values
 
     def truncate(self, n: int) -> None:
-        self.cache.crop(n)
+        drop = self.cache.get_seq_length() - n
+        if n == 0:
+            self.cache = self.empty()
+        elif drop > 0:
+            self.cache.crop(-drop)  # transformers 5 crops by a negative count
 
 
 SESSIONS = {"llama.cpp": _LlamaCpp, "onnxruntime": _Ort, "torch": _Torch}

@@ -169,9 +169,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
     loaded = load(str(opts.out))
     print("\n| GGUF | MiB | top-1 vs torch | max abs diff | KL | ppl torch | ppl llama.cpp | check |\n|---|---:|---:|---:|---:|---:|---:|---|")
-    failed = False
+    failed, ggufs = False, {}
     for outtype in ("f16", "q8_0"):
-        path = export(GGUFExportOptions(str(opts.out), outtype))
+        path = ggufs[outtype] = export(GGUFExportOptions(str(opts.out), outtype))
         v = verify(path, loaded.model, loaded.tokenizer, outtype)
         a = v.agreement
         failed |= v.passed is False
@@ -184,6 +184,17 @@ def cmd_demo(a: argparse.Namespace) -> int:
     v = onnx.verify(path, loaded.model, loaded.tokenizer, "fp32")
     failed |= v.passed is False
     print(f"\n{path.name}: {v.line()}")
+
+    from . import bench
+    from .devices import Local
+
+    dense = export(GGUFExportOptions(opts.model, "q8_0", opts.out.parent / f"{opts.model}-q8_0.gguf"))
+    print(f"\ndense vs pruned on this machine (transact-edge bench {dense.name} {ggufs['q8_0'].name} "
+          f"-p 128 -n 32 -r 3):\n", flush=True)
+    with Local() as device:
+        report = bench.run([str(dense), str(ggufs["q8_0"])], "llama.cpp", bench.Tests([128], [32], [0]), None, 3,
+                           device)
+    print(bench.render(report, "md"), end="")
     return 1 if failed else 0
 
 

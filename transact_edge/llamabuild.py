@@ -176,6 +176,6 @@ def membw(target: str) -> Path | None:
 def _run(cmd: list[str], what: str) -> None:
     """Run a build step with its output streamed to the terminal; fail with one line."""
     print(f"[build-llama] {what}: {' '.join(cmd[:3])} ...", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.STDOUT)
+    proc = subprocess.run(cmd, stdout=2, stderr=subprocess.STDOUT)  # fd 2: stdout stays for results
     if proc.returncode:
         raise UserError(f"build-llama: {what} failed (exit {proc.returncode}); see the output above")
