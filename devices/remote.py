@@ -81,14 +81,14 @@ class Remote(Device):
 
 class Ssh(Remote):
     """ssh://user@host[:port] through the system's OpenSSH client (keys from ssh-agent, ~/.ssh/config
-    or `--ssh-option IdentityFile=...`); never prompts."""
+    or `--ssh-option IdentityFile=...`, passed as -o); never prompts."""
 
     def __init__(self, spec: str, options: tuple[str, ...] = ()):
         url = urlsplit(spec)
         if not url.hostname:
             raise UserError(f"bad ssh device {spec!r} (ssh://user@host[:port])")
-        if shutil.which("ssh") is None or shutil.which("scp") is None:
-            raise UserError("the OpenSSH client (ssh, scp) is not installed")
+        if shutil.which("ssh") is None:
+            raise UserError("the OpenSSH client (ssh) is not installed")
         self.dest = f"{url.username}@{url.hostname}" if url.username else url.hostname
         self.port = str(url.port or 22)
         self.name = f"ssh://{self.dest}:{self.port}"
@@ -104,9 +104,12 @@ class Ssh(Remote):
             raise UserError(f"{self.name}: no answer within {timeout:.0f} s") from None
 
     def _push(self, local: Path, remote: str) -> None:
-        proc = subprocess.run(["scp", "-q", *self.options, "-P", self.port, str(local), f"{self.dest}:{remote}"],
-                              capture_output=True, text=True, stdin=subprocess.DEVNULL)
-        self._check(proc, f"copying {local.name}")
+        """Streamed through `cat` over ssh: works on boards without an sftp server (dropbear, minimal images)."""
+        with open(local, "rb") as f:
+            proc = subprocess.run(["ssh", *self.options, "-p", self.port, self.dest, f"cat > {shlex.quote(remote)}"],
+                                  stdin=f, capture_output=True)
+        self._check(subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(errors="replace"),
+                                                proc.stderr.decode(errors="replace")), f"copying {local.name}")
 
 
 class Adb(Remote):

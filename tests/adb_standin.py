@@ -23,8 +23,11 @@ if args[:1] == ["-s"]:
     args = args[2:]
 if args == ["get-state"]:
     print("device")
-elif args[:1] == ["shell"]:
-    sys.exit(subprocess.run(["sh", "-c", local(" ".join(args[1:]))]).returncode)
+elif args[:1] == ["shell"]:  # paths in the output are shown as the phone would show them
+    proc = subprocess.run(["sh", "-c", local(" ".join(args[1:]))], capture_output=True, text=True)
+    sys.stdout.write(proc.stdout.replace(ROOT, ""))
+    sys.stderr.write(proc.stderr.replace(ROOT, ""))
+    sys.exit(proc.returncode)
 elif args[:1] == ["push"]:
     shutil.copy2(args[1], local(args[2]))
     print(f"{args[1]}: 1 file pushed")

@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy", type=int, default=32, metavar="N",
                    help="on other devices: check that N greedy tokens equal this machine's (0: skip)")
     p.add_argument("--ssh-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="passed to ssh and scp as -o (e.g. IdentityFile=~/.ssh/board)")
+                   help="passed to ssh as -o (e.g. IdentityFile=~/.ssh/board)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("build-llama", help="build llama.cpp's llama-bench/-completion/-perplexity for a target")
