@@ -5,15 +5,13 @@
 llama.cpp's converter is taken from the sdist of the installed llama-cpp-python version (fetched
 with `pip download` into ~/.cache/transact_edge/builds/sdist, the package registry being the only network
 allowed), with its own vendored gguf-py. Each side runs in its own process; wall time and peak RSS
-(of the child, from wait4) are recorded. Goal (issue 3): ours <= 1.0 x its time.
+(of the child, from its VmHWM) are recorded. Goal (issue 3): ours <= 1.0 x its time.
 Writes benchmarks/results/export_speed.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,15 +20,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
 
+from transact_edge.devices import Local  # noqa: E402
 from transact_edge.llamabuild import vendored_source  # noqa: E402
 
 def timed(cmd: list[str], env: dict | None = None) -> dict:
+    """Wall time and peak RSS of one command in its own process (VmHWM, see devices.base)."""
+    argv = ["env", *(f"{k}={v}" for k, v in (env or {}).items()), *cmd]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    out = proc.stdout.read().decode(errors="replace")
-    return {"seconds": time.perf_counter() - start, "peak_rss_mib": usage.ru_maxrss / 1024,
-            "ok": os.waitstatus_to_exitcode(status) == 0, "tail": out[-600:]}
+    res = Local().run(argv)
+    return {"seconds": time.perf_counter() - start, "peak_rss_mib": res.peak_rss_mib, "ok": res.rc == 0,
+            "tail": (res.stdout + res.stderr)[-600:]}
 
 
 def main() -> None:
@@ -43,7 +42,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ours = timed([sys.executable, "-m", "transact_edge", "export", str(a.checkpoint), "--format", "gguf",
                       "--outtype", a.outtype, "--outfile", f"{tmp}/ours.gguf"])
-        env = dict(os.environ, PYTHONPATH=str(llama_dir / "gguf-py"))
+        env = {"PYTHONPATH": str(llama_dir / "gguf-py")}
         theirs = timed([sys.executable, str(llama_dir / "convert_hf_to_gguf.py"), str(a.checkpoint),
                         "--outtype", a.outtype, "--outfile", f"{tmp}/theirs.gguf"], env=env)
         for r, name in ((ours, "ours"), (theirs, "theirs")):

@@ -4,11 +4,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import threading
 from pathlib import Path
 
 from ..errors import UserError
-from .base import Device, RunResult
+from .base import WRAPPER, Device, RunResult, unwrap
 
 
 class Local(Device):
@@ -22,24 +21,14 @@ class Local(Device):
         return os.cpu_count() or 1
 
     def run(self, argv: list[str], timeout: float | None = None) -> RunResult:
-        """Run argv; peak RSS comes from wait4 on this very child, so runs never mix."""
-        proc = subprocess.Popen(self.prefix + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        out: dict[str, bytes] = {}
-        readers = [threading.Thread(target=lambda k=k, f=f: out.__setitem__(k, f.read()))
-                   for k, f in (("stdout", proc.stdout), ("stderr", proc.stderr))]
-        for t in readers:
-            t.start()
-        timer = threading.Timer(timeout, proc.kill) if timeout else None
-        if timer:
-            timer.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        if timer:
-            timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        for t in readers:
-            t.join()
-        return RunResult(proc.returncode, out["stdout"].decode(errors="replace"),
-                         out["stderr"].decode(errors="replace"), usage.ru_maxrss / 1024)
+        """Run argv under the VmHWM wrapper (base.WRAPPER); its own peak RSS, never the parent's."""
+        try:
+            proc = subprocess.run(["sh", "-c", WRAPPER, "sh", *self.prefix, *argv], capture_output=True,
+                                  text=True, errors="replace", timeout=timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise UserError(f"{self.name}: {Path(argv[0]).name} did not finish within {timeout:.0f} s") from None
+        result = unwrap(proc.stdout, proc.stderr)
+        return result or RunResult(proc.returncode, proc.stdout, proc.stderr, None)
 
 
 class Qemu(Local):

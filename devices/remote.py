@@ -1,13 +1,11 @@
 """Devices reached through a client program: Linux boards over OpenSSH, Android phones over adb.
 
-Both stage files into a fresh `mktemp -d` directory and run commands under a small POSIX-sh
-wrapper that samples the child's VmHWM (its peak resident set, which only grows) from /proc
-until it exits, so peak memory is measured on the device without extra tools there.
+Both stage files into a fresh `mktemp -d` directory and run commands under base.WRAPPER, so peak
+memory is measured on the device without extra tools there.
 """
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -15,15 +13,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..errors import UserError
-from .base import Device, RunResult
+from .base import WRAPPER, Device, RunResult, unwrap
 
-# "$@" runs in the background; its VmHWM is read every 0.1 s until /proc shows no memory for it
-# (a zombie has none), then its exit status and the last VmHWM go to stderr as one marked line.
-WRAPPER = ('"$@" & p=$!; h=0; '
-           'while v=$(sed -n "s/^VmHWM:[^0-9]*\\([0-9]*\\).*/\\1/p" /proc/$p/status 2>/dev/null) '
-           '&& [ -n "$v" ]; do h=$v; sleep 0.1; done; '
-           'wait $p; rc=$?; echo "transact-edge-run rc=$rc peak_kib=$h" >&2; exit $rc')
-MARK = re.compile(r"^transact-edge-run rc=(\d+) peak_kib=(\d+)\s*$", re.M)
 TARGET_OF_MACHINE = {"aarch64": "aarch64-linux-gnu", "arm64": "aarch64-linux-gnu", "x86_64": "native"}
 
 
@@ -66,12 +57,11 @@ class Remote(Device):
         command = (f"cd {shlex.quote(self.workdir)} && sh -c {shlex.quote(WRAPPER)} sh "
                    + " ".join(shlex.quote(a) for a in argv))
         proc = self._shell(command, timeout=timeout)
-        marks = MARK.findall(proc.stderr)
-        if not marks:
+        result = unwrap(proc.stdout, proc.stderr)
+        if result is None:
             self._check(proc, "running the benchmark")
             raise UserError(f"{self.name}: the command ended without its exit status")
-        rc, kib = map(int, marks[-1])
-        return RunResult(rc, proc.stdout, MARK.sub("", proc.stderr), kib / 1024 if kib else None)
+        return result
 
     def close(self) -> None:
         if self.workdir:

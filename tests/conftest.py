@@ -14,6 +14,7 @@ from transact_edge.arch import FAMILIES
 from transact_edge.calibration import collect
 from transact_edge.checkpoint import save
 from transact_edge.loading import load
+from transact_edge.salience import from_stats
 from transact_edge.shapes import LayerShape, is_uniform, layer_shapes
 from transact_edge.surgery import cut
 
@@ -72,8 +73,8 @@ def pruned_dirs(smollm2, tmp_path_factory):
     """SmolLM2 pruned to 2 KV heads and MLP 768: uniform and per-layer checkpoints."""
     model = smollm2.model
     ids = corpus.stream(smollm2.tokenizer)[: 4 * 256].view(4, 256)
-    stats = collect(model, ids)
     shapes = layer_shapes(model.config)
+    stats = from_stats(collect(model, ids), shapes)
     uni = LayerShape(6, 2, 768)
     out = {}
     for name, widths in (("uniform", [uni] * len(shapes)),

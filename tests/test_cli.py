@@ -117,6 +117,25 @@ def test_tiny_models_prune_end_to_end(tmp_path, tiny_dir, capsys):
     assert rc == 0 and "n_kv_head" in stdout
 
 
+@pytest.mark.parametrize("metric", ["magnitude", "taylor", "random"])
+def test_baseline_metrics_prune_end_to_end(metric, tmp_path, tiny_llama_dir, capsys):
+    out = tmp_path / "out"
+    rc, stdout, err = run(capsys, "prune", "--model", str(tiny_llama_dir), "--out", str(out), "--kv-heads", "1",
+                          "--mlp-ratio", "0.5", "--shots", "2", "--calib-samples", "4", "--seq-len", "32",
+                          "--metric", metric)
+    assert rc == 0, err
+    report = json.loads((out / "transact.json").read_text())
+    assert report["options"]["metric"] == metric and report["shots"][0]["salience"][0]["metric"] == metric
+    assert [l["n_kv_head"] for l in report["pruned"]["layers"]] == [1, 1, 1]
+
+
+def test_unknown_metric_is_a_clear_error(tmp_path, tiny_llama_dir, capsys):
+    rc, stdout, err = run(capsys, "prune", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "o"),
+                          "--kv-heads", "1", "--metric", "fisher")
+    assert rc == 2 and "unknown --metric" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
 def test_console_script_is_installed():
     out = subprocess.run(["transact-edge", "--help"], capture_output=True, text=True)
     assert out.returncode == 0

@@ -12,6 +12,7 @@ from transact_edge.cli import main
 from transact_edge.exporters.gguf import GGUFExportOptions, export, verify
 from transact_edge.llamacpp import open_gguf
 from transact_edge.loading import load
+from transact_edge.salience import from_stats
 from transact_edge.shapes import LayerShape, head_dim, layer_shapes
 from transact_edge.surgery import cut
 
@@ -79,7 +80,7 @@ def test_tiny_models_export_and_load(family, mode, tmp_path, tokenizer):
     widths = {"dense": [s] * 3, "uniform": [LayerShape(group, 1, 64)] * 3,
               "per_layer": [LayerShape(group, 1, 64), LayerShape(s.n_head, s.n_kv_head, 128), LayerShape(group, 1, 96)]}[mode]
     x = corpus.stream(tokenizer, "wiki", "eval")[:64]
-    pruned = cut(model, plan.select(collect(model, x[None]), layer_shapes(model.config), widths))
+    pruned = cut(model, plan.select(from_stats(collect(model, x[None]), layer_shapes(model.config)), layer_shapes(model.config), widths))
     save(tmp_path / "ckpt", pruned, tokenizer)
     out = export(GGUFExportOptions(str(tmp_path / "ckpt"), "f32", tmp_path / "m.gguf"))
     arch = gguf.GGUFReader(out).get_field("general.architecture").contents()

@@ -5,6 +5,7 @@ import torch
 
 from transact_edge import corpus, plan
 from transact_edge.calibration import collect
+from transact_edge.salience import from_stats
 from transact_edge.checkpoint import save
 from transact_edge.cli import main
 from transact_edge.evaluate import perplexity
@@ -23,7 +24,7 @@ def _tiny_checkpoint(family, per_layer, path, tokenizer):
     widths = ([LayerShape(group, 1, 64), LayerShape(s.n_head, s.n_kv_head, 128), LayerShape(group, 1, 96)]
               if per_layer else [LayerShape(group, 1, 64)] * 3)
     x = corpus.stream(tokenizer, "wiki", "eval")[:64]
-    pruned = cut(model, plan.select(collect(model, x[None]), layer_shapes(model.config), widths))
+    pruned = cut(model, plan.select(from_stats(collect(model, x[None]), layer_shapes(model.config)), layer_shapes(model.config), widths))
     save(path, pruned, tokenizer)
     return pruned
 
@@ -61,7 +62,7 @@ def test_int8_quantization_reports_drift(tmp_path, tokenizer):
 def test_real_pruned_export_parity_and_greedy_text(smollm2, tmp_path, per_layer, capsys):
     model = smollm2.model
     ids = corpus.stream(smollm2.tokenizer)[: 2 * 256].view(2, 256)
-    stats = collect(model, ids)
+    stats = from_stats(collect(model, ids), layer_shapes(model.config))
     shapes = layer_shapes(model.config)
     uni = LayerShape(6, 2, 768)
     widths = plan.per_layer_widths(stats, shapes, uni, 32) if per_layer else [uni] * len(shapes)
@@ -70,7 +71,7 @@ def test_real_pruned_export_parity_and_greedy_text(smollm2, tmp_path, per_layer,
     rc = main(["export", str(tmp_path / "ckpt"), "--format", "onnx", "--outfile", str(tmp_path / "m.onnx"), "--verify"])
     out = capsys.readouterr().out
     assert rc == 0 and "32 greedy tokens identical -> PASS" in out, out
-    ppl = perplexity(OrtModel(tmp_path / "m.onnx"), corpus.stream(smollm2.tokenizer, "wiki", "eval"), 256, max_tokens=512)
+    ppl = perplexity(OrtModel(tmp_path / "m.onnx").logits, corpus.stream(smollm2.tokenizer, "wiki", "eval"), 256, max_tokens=512)
     ref = perplexity(pruned, corpus.stream(smollm2.tokenizer, "wiki", "eval"), 256, max_tokens=512)
     assert abs(ppl.ppl / ref.ppl - 1) < 1e-4
 

@@ -3,6 +3,7 @@ import torch
 
 from transact_edge import plan, recovery
 from transact_edge.calibration import Stats
+from transact_edge.salience import from_stats
 from transact_edge.errors import UserError
 from transact_edge.shapes import LayerShape
 
@@ -57,7 +58,7 @@ def _stats(n_layer: int, seed: int = 0) -> Stats:
 def test_per_layer_allocation_keeps_the_budget_and_bounds():
     shapes = [SMOL] * 6
     uni = LayerShape(6, 2, 768)
-    widths = plan.per_layer_widths(_stats(6), shapes, uni, round_to=32)
+    widths = plan.per_layer_widths(from_stats(_stats(6), shapes), shapes, uni, round_to=32)
     assert sum(w.ffn_dim for w in widths) == 6 * 768
     assert sum(w.n_kv_head for w in widths) == 6 * 2
     assert all(384 <= w.ffn_dim <= 1536 and w.ffn_dim % 32 == 0 for w in widths)
@@ -69,7 +70,7 @@ def test_per_layer_allocation_keeps_the_budget_and_bounds():
 
 def test_select_keeps_heads_evenly_inside_kept_groups():
     stats = _stats(2)
-    plans = plan.select(stats, [SMOL] * 2, [LayerShape(4, 2, 64)] * 2)
+    plans = plan.select(from_stats(stats, [SMOL] * 2), [SMOL] * 2, [LayerShape(4, 2, 64)] * 2)
     for p in plans:
         assert len(p.kv_heads) == 2 and len(p.heads) == 4 and len(p.channels) == 64
         assert [h // 3 for h in p.heads] == [g for g in p.kv_heads for _ in range(2)]

@@ -9,6 +9,7 @@ import transformers
 
 from transact_edge import corpus, plan
 from transact_edge.calibration import collect
+from transact_edge.salience import from_stats
 from transact_edge.cli import main
 from transact_edge.inspect import describe
 from transact_edge.loading import embedded_gguf, load
@@ -53,7 +54,7 @@ def test_acceptance_command_and_plain_transformers_load(tmp_path):
 
 def test_real_model_pruned_equals_masked_dense(smollm2, text_ids):
     model = smollm2.model
-    stats = collect(model, text_ids[:2])
+    stats = from_stats(collect(model, text_ids[:2]), layer_shapes(model.config))
     shapes = layer_shapes(model.config)
     uni = plan.target(shapes[0], plan.WidthRequest(kv_heads=2, heads=4, mlp_ratio=0.5))
     plans = plan.select(stats, shapes, [uni] * len(shapes))
@@ -74,7 +75,7 @@ def test_real_model_per_layer_reload(smollm2, text_ids, tmp_path):
     import transact_edge  # noqa: F401  (registers the per-layer classes)
 
     model = smollm2.model
-    stats = collect(model, text_ids[:2])
+    stats = from_stats(collect(model, text_ids[:2]), layer_shapes(model.config))
     shapes = layer_shapes(model.config)
     widths = plan.per_layer_widths(stats, shapes, LayerShape(6, 2, 768), round_to=32)
     assert not is_uniform(widths)
@@ -93,21 +94,21 @@ def _opts(out, **kw):
 
 def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch):
     full = prune(_opts(tmp_path / "full"))
-    import transact_edge.prune as driver
+    from transact_edge import salience
 
-    real_collect, calls = driver.collect, []
+    real_acts, calls = salience.METRICS["acts"], []
 
     def dies_in_shot_2(*a, **k):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real_collect(*a, **k)
+        return real_acts(*a, **k)
 
-    monkeypatch.setattr(driver, "collect", dies_in_shot_2)
+    monkeypatch.setitem(salience.METRICS, "acts", dies_in_shot_2)
     with pytest.raises(KeyboardInterrupt):
         prune(_opts(tmp_path / "resumed"))
     assert not (tmp_path / "resumed").exists() and (tmp_path / ".resumed.partial" / "shot-1").is_dir()
-    monkeypatch.setattr(driver, "collect", real_collect)
+    monkeypatch.setitem(salience.METRICS, "acts", real_acts)
     resumed = prune(_opts(tmp_path / "resumed", resume=True))
     assert resumed["kept"] == full["kept"]
     a, b = load(str(tmp_path / "full")).model, load(str(tmp_path / "resumed")).model
@@ -126,3 +127,16 @@ def test_inspect_embedded_gguf_and_eval_protocol(tmp_path, capsys):
     assert rc == 0 and "window 256, stride 256, 1020 tokens scored" in out
     ppl = float(out.split("perplexity ")[1].split()[0])
     assert 5 < ppl < 200
+
+
+def test_lm_eval_offline_task_and_clear_errors(smollm2, capsys):
+    from transact_edge import lmeval
+
+    results, table = lmeval.evaluate(smollm2.model, smollm2.tokenizer, [lmeval.LOCAL_TASK], limit=24, batch_size=4)
+    r = results["results"][lmeval.LOCAL_TASK]
+    assert 0.0 < r["acc,none"] < 1.0 and 1.0 < r["perplexity,none"] < 1e6, r
+    assert lmeval.LOCAL_TASK in table
+    for task, needle in (("no_such_task", "unknown lm-eval task"), ("hellaswag", "offline")):
+        rc = main(["eval", "smollm2-135m", "--lm-eval", task, "--lm-eval-limit", "2"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and needle in err[-1], err

@@ -40,3 +40,51 @@ def test_hooks_are_removed_after_an_error():
     except RuntimeError:
         pass
     assert all(not l.self_attn.o_proj._forward_pre_hooks for l in model.model.layers)
+
+
+def _shapes(model):
+    from transact_edge.shapes import layer_shapes
+    return layer_shapes(model.config)
+
+
+def test_magnitude_scores_are_weight_norms_of_each_structure():
+    model = tiny_model("qwen2")  # q/k/v biases join their rows
+    shapes = _shapes(model)
+    got = salience.magnitude(model, None, shapes, 1, 0)
+    attn, mlp, hd = model.model.layers[1].self_attn, model.model.layers[1].mlp, 16
+    h = 4  # query head 4 reads KV group 4 // 2 = 2
+    q = torch.cat([attn.q_proj.weight[h * hd:(h + 1) * hd].flatten(), attn.q_proj.bias[h * hd:(h + 1) * hd]])
+    o = attn.o_proj.weight[:, h * hd:(h + 1) * hd].flatten()
+    assert torch.allclose(got.heads[1][h], torch.cat([q, o]).double().norm())
+    g = 2
+    kv = torch.cat([p[g * hd:(g + 1) * hd].flatten() for p in (attn.k_proj.weight, attn.k_proj.bias,
+                                                                 attn.v_proj.weight, attn.v_proj.bias)]).double()
+    members = sum(got.heads[1][i] ** 2 for i in (4, 5))
+    assert torch.allclose(got.groups[1][g], (kv.square().sum() + members).sqrt())
+    c = 7
+    ch = torch.cat([mlp.gate_proj.weight[c], mlp.up_proj.weight[c], mlp.down_proj.weight[:, c]]).double()
+    assert torch.allclose(got.channels[1][c], ch.norm())
+
+
+def test_taylor_scores_are_grad_times_weight_over_all_batches():
+    model = tiny_model("llama")
+    x = torch.randint(0, 1000, (4, 12))
+    got = salience.taylor(model, x, _shapes(model), 2, 0)  # 2 batches: both gradients count
+    assert not any(p.requires_grad is False for p in model.parameters())  # flags restored
+    assert all(p.grad is None for p in model.parameters())
+    for batch in x.split(2):
+        model(input_ids=batch, labels=batch).loss.backward()
+    w = model.model.layers[2].mlp.down_proj.weight
+    expected = (w.grad.double() * w.detach().double()).abs().sum(dim=0)
+    up = model.model.layers[2].mlp.up_proj.weight
+    gate = model.model.layers[2].mlp.gate_proj.weight
+    for m in (up, gate):
+        expected += (m.grad.double() * m.detach().double()).abs().sum(dim=1)
+    assert torch.allclose(got.channels[2], expected, rtol=1e-4)
+
+
+def test_random_scores_are_seeded():
+    model = tiny_model("llama")
+    a, b, c = (salience.random(model, None, _shapes(model), 1, s) for s in (0, 0, 1))
+    assert all(torch.equal(x, y) for x, y in zip(a.channels, b.channels))
+    assert not torch.equal(a.channels[0], c.channels[0])

@@ -9,6 +9,7 @@ import transformers
 from transact_edge import plan
 from transact_edge.arch import FAMILIES
 from transact_edge.calibration import collect
+from transact_edge.salience import from_stats
 from transact_edge.errors import UserError
 from transact_edge.shapes import LayerShape, head_dim, layer_shapes
 from transact_edge.surgery import cut
@@ -42,7 +43,7 @@ def masked(model, plans):
 
 
 def plans_for(model, widths):
-    stats = collect(model, X)
+    stats = from_stats(collect(model, X), layer_shapes(model.config))
     return plan.select(stats, layer_shapes(model.config), widths)
 
 

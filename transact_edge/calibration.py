@@ -59,3 +59,54 @@ def collect(model, windows: torch.Tensor, batch_size: int = 8, desc: str = "sali
             stats.tokens += batch.numel()
     model.train(was_training)
     return stats
+
+
+ROWS = {"q": ("self_attn", "q_proj"), "k": ("self_attn", "k_proj"), "v": ("self_attn", "v_proj"),
+        "gate": ("mlp", "gate_proj"), "up": ("mlp", "up_proj")}     # structures are rows of these
+COLS = {"o": ("self_attn", "o_proj"), "down": ("mlp", "down_proj")}  # and columns of these
+
+
+def weight_products(model, fn=None, windows: torch.Tensor | None = None,
+                    batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+    """Per layer, fn(weight) summed over each row of q/k/v/gate/up and each column of o/down (bias
+    elements join their rows), in float64. With `windows` and no fn: fn = |grad x weight|, the
+    language-model loss's gradient summed over the calibration batches (only these weights get one).
+    """
+    layers = model.model.layers
+    modules = lambda layer, table: {k: getattr(getattr(layer, a), b) for k, (a, b) in table.items()}  # noqa: E731
+    if windows is not None:
+        device = next(model.parameters()).device
+        flags = {p: p.requires_grad for p in model.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        wanted = [p for layer in layers for m in {**modules(layer, ROWS), **modules(layer, COLS)}.values()
+                  for p in m.parameters()]
+        for p in wanted:
+            p.requires_grad_(True)
+            p.grad = None
+        was_training = model.training
+        model.eval()
+        try:
+            for batch in tqdm(windows.split(batch_size), desc="taylor", unit="batch", leave=False):
+                batch = batch.to(device)
+                model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+        finally:
+            model.train(was_training)
+            for p, f in flags.items():
+                p.requires_grad_(f)
+        fn = lambda w: (w.grad.double() * w.detach().double()).abs()  # noqa: E731
+    out = []
+    with torch.no_grad():
+        for layer in layers:
+            sums = {}
+            for key, m in modules(layer, ROWS).items():
+                sums[key] = fn(m.weight).sum(dim=1)
+                if m.bias is not None:
+                    sums[key] = sums[key] + fn(m.bias)
+            for key, m in modules(layer, COLS).items():
+                sums[key] = fn(m.weight).sum(dim=0)
+            out.append({k: v.cpu() for k, v in sums.items()})
+    if windows is not None:
+        for p in wanted:
+            p.grad = None
+    return out

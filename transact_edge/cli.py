@@ -40,6 +40,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     w.add_argument("--mlp-ratio", type=float, help="fraction of MLP channels to keep, in (0, 1]")
     w.add_argument("--round-to", type=int, default=32, help="MLP widths in multiples of this (256 suits K-quants)")
     w.add_argument("--per-layer", action="store_true", help="let widths differ per layer (salience allocation)")
+    w.add_argument("--metric", default="acts", help="what ranks heads and channels: acts (TransAct, default), "
+                   "magnitude, taylor or random (baselines)")
     s = p.add_argument_group("schedule")
     s.add_argument("--shots", type=int, default=1, help="iterative pruning shots (reference: 8)")
     s.add_argument("--train-tokens", type=_positive_int, default=0, help="recovery-training tokens over all shots")
@@ -63,7 +65,7 @@ def _prune_options(a: argparse.Namespace):
     return PruneOptions(
         model=a.model, out=a.out,
         widths=WidthRequest(a.heads, a.kv_heads, a.mlp, a.attn_ratio, a.mlp_ratio, a.round_to),
-        per_layer=a.per_layer, shots=a.shots, train_tokens=a.train_tokens, calib=a.calib,
+        per_layer=a.per_layer, metric=a.metric, shots=a.shots, train_tokens=a.train_tokens, calib=a.calib,
         calib_samples=a.calib_samples, seq_len=a.seq_len, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
         eval=a.eval, eval_tokens=a.eval_tokens, resume=a.resume, force=a.force, device=a.device)
 
@@ -100,9 +102,19 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .evaluate import perplexity
     from .loading import load
 
-    if not a.ppl:
-        raise UserError("eval: nothing to do; give --ppl")
+    if not a.ppl and not a.lm_eval:
+        raise UserError("eval: nothing to do; give --ppl and/or --lm-eval TASKS")
+    if a.lm_eval_include and not a.lm_eval_include.is_dir():
+        raise UserError(f"--lm-eval-include: no such directory: {a.lm_eval_include}")
     loaded = load(a.path)
+    if a.lm_eval:
+        from . import lmeval
+
+        _, table = lmeval.evaluate(loaded.model, loaded.tokenizer, [t for t in a.lm_eval.split(",") if t],
+                                   a.lm_eval_limit, a.batch_size, a.lm_eval_include)
+        print(f"{a.path}: lm-eval [runtime: torch]\n{table}")
+        if not a.ppl:
+            return 0
     if a.text == corpus.DEFAULT:
         ids, name = corpus.stream(loaded.tokenizer, corpus.DEFAULT, "eval"), "shipped Wikipedia held-out pages"
     else:
@@ -113,9 +125,15 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
         if not a.onnx:
             raise UserError("--runtime onnxruntime needs --onnx FILE (the exported graph)")
-        model = OrtModel(a.onnx)
+        model = OrtModel(a.onnx).logits
+    elif a.runtime == "llama.cpp":
+        from .llamacpp import open_gguf
+
+        if not a.gguf or not a.gguf.is_file():
+            raise UserError("--runtime llama.cpp needs --gguf FILE (the exported GGUF)")
+        model = open_gguf(a.gguf, n_ctx=a.window).batch_logits
     elif a.runtime != "torch":
-        raise UserError(f"unknown --runtime {a.runtime!r}; choose from torch, onnxruntime")
+        raise UserError(f"unknown --runtime {a.runtime!r}; choose from torch, onnxruntime, llama.cpp")
     result = perplexity(model, ids, a.window, a.stride, a.max_tokens, a.batch_size, text=name)
     print(f"{a.path}: {result.line()} [runtime: {a.runtime}]")
     return 0
@@ -243,8 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, help="default: the window (disjoint windows)")
     p.add_argument("--max-tokens", type=int, help="cap on tokens read from the text")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--runtime", default="torch", help="torch or onnxruntime")
+    p.add_argument("--runtime", default="torch", help="torch, onnxruntime or llama.cpp")
     p.add_argument("--onnx", type=Path, help="the ONNX graph exported from PATH (with --runtime onnxruntime)")
+    p.add_argument("--gguf", type=Path, help="the GGUF exported from PATH (with --runtime llama.cpp)")
+    p.add_argument("--lm-eval", metavar="TASKS", help="lm-evaluation-harness tasks, comma-separated (offline: "
+                   "transact_wiki_lastword, or tasks whose data is in the local datasets cache)")
+    p.add_argument("--lm-eval-limit", type=_positive_int, help="examples per task")
+    p.add_argument("--lm-eval-include", type=Path, help="a directory of extra lm-eval task YAMLs")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="export a checkpoint to GGUF for llama.cpp")

@@ -45,7 +45,7 @@ def torch_logits(model):
 @torch.inference_mode()
 def perplexity(model, ids: torch.Tensor, window: int = 512, stride: int | None = None,
                max_tokens: int | None = None, batch_size: int = 8, text: str = "held-out text") -> Perplexity:
-    """`model`: a transformers model, or any object with .logits((B, T) ids) -> (B, T, V) (ortruntime)."""
+    """`model`: a transformers model, or a function (B, T) ids -> (B, T, V) logits (onnxruntime, llama.cpp)."""
     stride = stride or window
     if not 0 < stride <= window:
         raise UserError(f"stride must be in (0, window={window}], got {stride}")
@@ -57,7 +57,7 @@ def perplexity(model, ids: torch.Tensor, window: int = 512, stride: int | None =
     inputs = torch.stack([ids[s:s + window] for s in starts])  # (n_windows, window)
     labels = inputs.clone()
     labels[1:, : window - stride] = -100  # already scored by the previous window
-    logits_of = torch_logits(model) if isinstance(model, torch.nn.Module) else model.logits
+    logits_of = torch_logits(model) if isinstance(model, torch.nn.Module) else model
     nll, count = 0.0, 0
     for x, y in tqdm(list(zip(inputs.split(batch_size), labels.split(batch_size))), desc="perplexity", leave=False):
         logits = logits_of(x)[:, :-1].float()  # (B, T-1, V)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .errors import UserError
 
@@ -40,6 +41,10 @@ class Runtime:
         self.llm.reset()
         self.llm.eval(tokens)
         return np.array(self.llm.scores[: len(tokens)], dtype=np.float32)
+
+    def batch_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T, vocab) logits of B sequences, one after the other (evaluate.perplexity's interface)."""
+        return torch.from_numpy(np.stack([self.logits(row.tolist()) for row in ids]))
 
 
 @contextmanager

@@ -6,9 +6,9 @@ Each shot steps towards it by the reference rule next = cur - (cur - target) // 
 KV groups, query heads per group and MLP channels (MLP rounded up to `round_to`).
 
 Per-layer widths (`--per-layer`): the same total budget as the uniform widths of the shot, shared
-out across layers by salience. Units are KV groups (with their query heads) and blocks of `round_to`
-MLP channels. A unit's gain is its share of its layer's energy (sum of s_j^2, or of group scores for
-attention); the units with the largest gains win, so a layer whose activations are spread evenly
+out across layers by score (any metric of salience.py). Units are KV groups (with their query heads)
+and blocks of `round_to` MLP channels. A unit's gain is its share of its layer's energy (sum of
+squared channel scores s_j^2, or of group scores for attention); the units with the largest gains win, so a layer whose activations are spread evenly
 keeps more than one whose energy sits in a few channels. Each layer keeps between half and twice the
 uniform width (never more than it has, never less than one unit).
 """
@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import salience
-from .calibration import Stats
 from .errors import UserError
+from .salience import Scores
 from .shapes import LayerShape
 
 
@@ -117,15 +116,15 @@ def _allocate(gains: list[torch.Tensor], lo: list[int], hi: list[int], total: in
     return counts
 
 
-def per_layer_widths(stats: Stats, shapes: list[LayerShape], uniform: LayerShape, round_to: int) -> list[LayerShape]:
-    """Per-layer widths with the total of `uniform` in every layer, shared out by salience."""
+def per_layer_widths(scores: Scores, shapes: list[LayerShape], uniform: LayerShape, round_to: int) -> list[LayerShape]:
+    """Per-layer widths with the total of `uniform` in every layer, shared out by score."""
     n_layer = len(shapes)
     group = uniform.n_head // uniform.n_kv_head
     att_gain, mlp_gain = [], []
-    for s, mha, mlp in zip(shapes, stats.mha, stats.mlp):
-        g = salience.group_scores(salience.head_scores(salience.channel_scores(mha), s.n_head), s.n_kv_head)
+    for g, c in zip(scores.groups, scores.channels):
         att_gain.append(torch.sort(g / g.sum(), descending=True).values)
-        e = torch.sort(mlp / mlp.sum(), descending=True).values
+        energy = c.double().square()
+        e = torch.sort(energy / energy.sum(), descending=True).values
         pad = (-e.numel()) % round_to
         blocks = torch.nn.functional.pad(e, (0, pad)).view(-1, round_to).sum(dim=1)  # (n_blocks,)
         mlp_gain.append(blocks)
@@ -149,18 +148,17 @@ def _top(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(torch.topk(scores, k).indices.tolist())
 
 
-def select(stats: Stats, shapes: list[LayerShape], new: list[LayerShape]) -> list[LayerPlan]:
+def select(scores: Scores, shapes: list[LayerShape], new: list[LayerShape]) -> list[LayerPlan]:
     """Kept KV groups, query heads (evenly inside each kept group) and MLP channels per layer."""
     plans = []
-    for s, n, mha, mlp in zip(shapes, new, stats.mha, stats.mlp):
-        heads = salience.head_scores(salience.channel_scores(mha), s.n_head)  # (n_head,)
-        kv = _top(salience.group_scores(heads, s.n_kv_head), n.n_kv_head)
+    for s, n, heads, groups, channels in zip(shapes, new, scores.heads, scores.groups, scores.channels):
+        kv = _top(groups, n.n_kv_head)
         cur_group, new_group = s.n_head // s.n_kv_head, n.n_head // n.n_kv_head
         kept_heads = []
         for g in kv:  # groups ascending, heads ascending inside: head h -> KV head h // new_group holds
             members = heads[g * cur_group:(g + 1) * cur_group]
             kept_heads += [g * cur_group + i for i in _top(members, new_group)]
-        plans.append(LayerPlan(kv, kept_heads, _top(salience.channel_scores(mlp), n.ffn_dim)))
+        plans.append(LayerPlan(kv, kept_heads, _top(channels, n.ffn_dim)))
     return plans
 
 

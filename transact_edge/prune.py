@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from . import corpus, plan, recovery, salience
-from .calibration import collect
 from .checkpoint import atomic_dir, check_output, save
 from .errors import UserError
 from .evaluate import perplexity
@@ -35,6 +34,7 @@ class PruneOptions:
     out: Path
     widths: plan.WidthRequest = field(default_factory=plan.WidthRequest)
     per_layer: bool = False          # widths may differ per layer (allocation rule in plan.py)
+    metric: str = "acts"             # salience.METRICS: acts (TransAct), magnitude, taylor, random
     shots: int = 1                   # iterative pruning steps; reference: 8
     train_tokens: int = 0            # recovery tokens over all shots; 0 = pruning only
     calib: str = corpus.DEFAULT      # 'wiki' (shipped) or a .txt/.jsonl/dataset directory
@@ -63,7 +63,7 @@ def _shape_summary(model) -> dict:
             "params": count_params(model), "kv_bytes_per_token_f16": kv_bytes_per_token(shapes, head_dim(model.config))}
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -78,6 +78,8 @@ def _validate(opts: PruneOptions) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}")
     if opts.train_tokens < 0:
         raise UserError(f"--train-tokens must be >= 0, got {opts.train_tokens}")
+    if opts.metric not in salience.METRICS:
+        raise UserError(f"unknown --metric {opts.metric!r} (choose from {', '.join(salience.METRICS)})")
 
 
 def _widest(shapes):
@@ -110,7 +112,7 @@ def prune(opts: PruneOptions) -> dict:
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     loaded = load(opts.model)
-    model, tok = loaded.model.to(_device(opts.device)), loaded.tokenizer
+    model, tok = loaded.model.to(resolve_device(opts.device)), loaded.tokenizer
     dense_shapes = layer_shapes(model.config)
     final = plan.target(_widest(dense_shapes), opts.widths)
     train_ids = corpus.stream(tok, opts.calib, "train")
@@ -123,7 +125,7 @@ def prune(opts: PruneOptions) -> dict:
         start, state = resumed
         log.info("resuming after shot %d of %d from %s", start, opts.shots, partial)
         del model
-        model = load(str(partial / f"shot-{start}")).model.to(_device(opts.device))
+        model = load(str(partial / f"shot-{start}")).model.to(resolve_device(opts.device))
         lineage = plan.Lineage(**state["lineage"])
         report = state["report"]
     else:
@@ -152,23 +154,21 @@ def prune(opts: PruneOptions) -> dict:
         uniform = plan.step(_widest(shapes), final, opts.shots - shot, opts.widths.round_to)
 
         t = time.perf_counter()
-        stats = collect(model, calib, opts.batch_size, desc=f"shot {shot + 1}/{opts.shots} salience")
+        scores = salience.METRICS[opts.metric](model, calib, shapes, opts.batch_size, opts.seed * 1000 + shot)
         record["salience_seconds"] = time.perf_counter() - t
-        record["salience_tokens_per_s"] = stats.tokens / record["salience_seconds"]
+        record["salience_tokens_per_s"] = calib.numel() / record["salience_seconds"]
 
-        new_shapes = (plan.per_layer_widths(stats, shapes, uniform, opts.widths.round_to) if opts.per_layer
+        new_shapes = (plan.per_layer_widths(scores, shapes, uniform, opts.widths.round_to) if opts.per_layer
                       else [uniform] * len(shapes))
-        plans = plan.select(stats, shapes, new_shapes)
+        plans = plan.select(scores, shapes, new_shapes)
         t = time.perf_counter()
         model = cut(model, plans, consume=True)
         record["surgery_seconds"] = time.perf_counter() - t
         lineage.apply(plans)
         record["widths"] = [s.as_dict() for s in new_shapes]
-        record["salience"] = [
-            {"heads": salience.head_scores(salience.channel_scores(m), s.n_head).tolist(),
-             "mlp_channels": salience.summary(salience.channel_scores(f))}
-            for s, m, f in zip(shapes, stats.mha, stats.mlp)
-        ]
+        record["salience"] = [{"metric": opts.metric, "heads": h.tolist(), "kv_groups": g.tolist(),
+                               "mlp_channels": salience.summary(c)}
+                              for h, g, c in zip(scores.heads, scores.groups, scores.channels)]
         log.info("shot %d/%d: %s", shot + 1, opts.shots, _widths_line(new_shapes))
 
         if budgets[shot] > 0:
