@@ -43,7 +43,7 @@ RESULTS = Path(__file__).parent / "results"
 # What "about two hours on 2 CPU cores" allows, and a larger budget for a lent GPU.
 SCALES = {
     "cpu": dict(shots=4, seq_len=256, calib_samples=32, train_tokens=16_384, eval_tokens=16_384, batch_size=4),
-    "gpu": dict(shots=8, seq_len=1024, calib_samples=128, train_tokens=8_388_608, eval_tokens=None, batch_size=16),
+    "gpu": dict(shots=8, seq_len=1024, calib_samples=128, train_tokens=1_048_576, eval_tokens=None, batch_size=16),
 }
 HALF, QUARTER = (2, 6, 672), (1, 3, 352)
 
@@ -122,9 +122,9 @@ def _llama_cpp_ppl(checkpoint: Path, eval_ids, max_tokens: int | None) -> float:
         rt.llm.close()
 
 
-def dense_row(scale: dict, eval_ids) -> dict:
+def dense_row(scale: dict, eval_ids, device: str) -> dict:
     loaded = load("smollm2-135m")
-    ppl = perplexity(loaded.model, eval_ids, window=512, max_tokens=scale["eval_tokens"],
+    ppl = perplexity(loaded.model.to(resolve_device(device)), eval_ids, window=512, max_tokens=scale["eval_tokens"],
                      batch_size=scale["batch_size"])
     from transact_edge.shapes import count_params, head_dim, kv_bytes_per_token, layer_shapes
     params = count_params(loaded.model)
@@ -247,7 +247,7 @@ def main() -> None:
     eval_ids = corpus.stream(loaded.tokenizer, corpus.DEFAULT, "eval")
     del loaded
     if "dense" not in result:
-        result["dense"] = dense_row(scale, eval_ids)
+        result["dense"] = dense_row(scale, eval_ids, a.device)
     done = {r["key"]: r for r in result["runs"]}
     todo = [r for r in runs() if not a.only or r.group.startswith(a.only)]
     with_llama = {r.key(scale) for r in todo if r.llama_cpp and not a.no_llama_cpp}
