@@ -237,6 +237,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="default: benchmarks/results/quality-{scale}")
     a = ap.parse_args()
     scale, out = SCALES[a.scale], a.out or RESULTS / f"quality-{a.scale}"
+    a.work.mkdir(parents=True, exist_ok=True)
     path = out.with_suffix(".json")
     result = json.loads(path.read_text()) if path.is_file() else {}
     if result.get("scale") != scale or result.get("seed") != a.seed:

@@ -31,9 +31,10 @@ def _accumulator(acc: torch.Tensor):
 def hooked(model) -> Stats:
     """Hooks on every layer's transitional activations; removed on exit even after an error."""
     layers = model.model.layers
+    device = next(model.parameters()).device  # sums stay where the activations are
     stats = Stats(
-        mha=[torch.zeros(l.self_attn.o_proj.in_features, dtype=torch.float64) for l in layers],
-        mlp=[torch.zeros(l.mlp.down_proj.in_features, dtype=torch.float64) for l in layers],
+        mha=[torch.zeros(l.self_attn.o_proj.in_features, dtype=torch.float64, device=device) for l in layers],
+        mlp=[torch.zeros(l.mlp.down_proj.in_features, dtype=torch.float64, device=device) for l in layers],
         tokens=0,
     )
     handles = []
@@ -58,7 +59,7 @@ def collect(model, windows: torch.Tensor, batch_size: int = 8, desc: str = "sali
             model.model(input_ids=batch.to(device), use_cache=False)  # the LM head is not needed
             stats.tokens += batch.numel()
     model.train(was_training)
-    return stats
+    return Stats([m.cpu() for m in stats.mha], [f.cpu() for f in stats.mlp], stats.tokens)
 
 
 ROWS = {"q": ("self_attn", "q_proj"), "k": ("self_attn", "k_proj"), "v": ("self_attn", "v_proj"),

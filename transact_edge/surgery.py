@@ -52,7 +52,7 @@ def _cut_layer(sd: dict, prefix: str, p: LayerPlan, hd: int) -> None:
             for kind in ("weight", "bias") if dim == 0 else ("weight",):
                 key = f"{prefix}.{module}.{n}.{kind}"
                 if key in sd:
-                    sd[key] = sd[key].index_select(dim, idx)
+                    sd[key] = sd[key].index_select(dim, idx.to(sd[key].device))
 
 
 def config_for(config, shapes: list[LayerShape]):
