@@ -42,7 +42,7 @@ from transact_edge.prune import PruneOptions, prune, resolve_device  # noqa: E40
 RESULTS = Path(__file__).parent / "results"
 # What "about two hours on 2 CPU cores" allows, and a larger budget for a lent GPU.
 SCALES = {
-    "cpu": dict(shots=4, seq_len=256, calib_samples=32, train_tokens=16_384, eval_tokens=16_384, batch_size=4),
+    "cpu": dict(shots=4, seq_len=256, calib_samples=32, train_tokens=8_192, eval_tokens=8_192, batch_size=4),
     "gpu": dict(shots=8, seq_len=1024, calib_samples=128, train_tokens=1_048_576, eval_tokens=None, batch_size=16),
 }
 HALF, QUARTER = (2, 6, 672), (1, 3, 352)
