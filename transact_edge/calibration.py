@@ -20,7 +20,7 @@ class Stats:
     tokens: int
 
 
-def _accumulator(acc: torch.Tensor):
+def accumulator(acc: torch.Tensor):
     def hook(module, args):
         x = args[0].detach().reshape(-1, acc.numel()).to(torch.float64)  # (B*T, C)
         acc.add_(x.square().sum(dim=0))  # (einsum in float64 is ~25x slower on CPU)
@@ -39,8 +39,8 @@ def hooked(model) -> Stats:
     )
     handles = []
     for layer, mha, mlp in zip(layers, stats.mha, stats.mlp):
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(_accumulator(mha)))
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(_accumulator(mlp)))
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(accumulator(mha)))
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(accumulator(mlp)))
     try:
         yield stats
     finally:

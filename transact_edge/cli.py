@@ -55,6 +55,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", action="store_true", help="held-out perplexity before and after")
     p.add_argument("--eval-tokens", type=int, help="cap on held-out tokens scored")
     p.add_argument("--resume", action="store_true", help="continue after the last finished shot")
+    p.add_argument("--stream", action="store_true", help="one shot, layer by layer from the safetensors files: "
+                   "memory of one layer plus the calibration activations (7B-class models on a 24 GiB machine)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 
@@ -65,7 +67,7 @@ def _prune_options(a: argparse.Namespace):
     return PruneOptions(
         model=a.model, out=a.out,
         widths=WidthRequest(a.heads, a.kv_heads, a.mlp, a.attn_ratio, a.mlp_ratio, a.round_to),
-        per_layer=a.per_layer, metric=a.metric, shots=a.shots, train_tokens=a.train_tokens, calib=a.calib,
+        per_layer=a.per_layer, metric=a.metric, stream=a.stream, shots=a.shots, train_tokens=a.train_tokens, calib=a.calib,
         calib_samples=a.calib_samples, seq_len=a.seq_len, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
         eval=a.eval, eval_tokens=a.eval_tokens, resume=a.resume, force=a.force, device=a.device)
 

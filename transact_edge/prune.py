@@ -21,7 +21,7 @@ from . import corpus, plan, recovery, salience
 from .checkpoint import atomic_dir, check_output, save
 from .errors import UserError
 from .evaluate import perplexity
-from .loading import load, read_config
+from .loading import load, read_config, resolve
 from .shapes import head_dim, is_uniform, kv_bytes_per_token, count_params, layer_shapes
 from .surgery import cut
 
@@ -35,6 +35,7 @@ class PruneOptions:
     widths: plan.WidthRequest = field(default_factory=plan.WidthRequest)
     per_layer: bool = False          # widths may differ per layer (allocation rule in plan.py)
     metric: str = "acts"             # salience.METRICS: acts (TransAct), magnitude, taylor, random
+    stream: bool = False             # layer by layer from the files, bounded memory (stream.py)
     shots: int = 1                   # iterative pruning steps; reference: 8
     train_tokens: int = 0            # recovery tokens over all shots; 0 = pruning only
     calib: str = corpus.DEFAULT      # 'wiki' (shipped) or a .txt/.jsonl/dataset directory
@@ -106,6 +107,8 @@ def prune(opts: PruneOptions) -> dict:
     """Run the whole schedule and write opts.out; returns the report also saved as transact.json."""
     _validate(opts)
     check_output(opts.out, opts.force)
+    if opts.stream:
+        return _prune_streamed(opts)
     config = read_config(opts.model)
     if config is not None:  # widths checked before the weights are read
         plan.target(_widest(layer_shapes(config)), opts.widths)
@@ -198,6 +201,27 @@ def prune(opts: PruneOptions) -> dict:
         save(tmp, model, tok, report)
     shutil.rmtree(partial, ignore_errors=True)
     return report
+
+
+def _prune_streamed(opts: PruneOptions) -> dict:
+    """One TransAct shot, layer by layer from a safetensors directory (models larger than memory)."""
+    from transformers import AutoTokenizer
+
+    from .stream import prune_streamed
+
+    unsupported = {"--shots": opts.shots != 1, "--train-tokens": opts.train_tokens != 0,
+                   "--metric": opts.metric != "acts", "--resume": opts.resume, "--eval": opts.eval}
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise UserError(f"--stream does one TransAct shot without recovery or evaluation; drop {', '.join(bad)}")
+    path = resolve(opts.model)
+    if not path.is_dir():
+        raise UserError(f"--stream reads a Hugging Face safetensors directory, not {path}")
+    config = read_config(opts.model)
+    plan.target(_widest(layer_shapes(config)), opts.widths)
+    tok = AutoTokenizer.from_pretrained(path)
+    windows = corpus.windows(corpus.stream(tok, opts.calib, "train"), opts.seq_len, opts.calib_samples)
+    return prune_streamed(path, opts.out, opts.widths, windows, opts.batch_size, opts.per_layer)
 
 
 def _eval(model, tok, opts: PruneOptions):

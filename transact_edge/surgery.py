@@ -42,7 +42,7 @@ def _rows(idx: list[int], width: int) -> torch.Tensor:
     return (base + torch.arange(width)).reshape(-1)
 
 
-def _cut_layer(sd: dict, prefix: str, p: LayerPlan, hd: int) -> None:
+def cut_layer(sd: dict, prefix: str, p: LayerPlan, hd: int) -> None:
     heads, kv, ch = _rows(p.heads, hd), _rows(p.kv_heads, hd), torch.tensor(p.channels)
     # (module, projections, dimension cut, kept indices); biases follow their rows
     cuts = [("self_attn", HEAD_ROWS, 0, heads), ("self_attn", KV_ROWS, 0, kv), ("self_attn", HEAD_COLS, 1, heads),
@@ -99,7 +99,7 @@ def cut(model, plans: list[LayerPlan], consume: bool = False):
     sd = dict(model.state_dict())
     buffers = dict(model.named_buffers())
     for il, p in enumerate(plans):
-        _cut_layer(sd, f"model.layers.{il}", p, hd)
+        cut_layer(sd, f"model.layers.{il}", p, hd)
         if consume:
             model.model.layers[il].to("meta")
     cfg = config_for(model.config, [p.shape for p in plans])

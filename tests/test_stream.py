@@ -1,0 +1,61 @@
+"""Layer-streamed pruning gives the in-memory path's statistics, kept indices and weights."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from transact_edge import corpus
+from transact_edge.calibration import collect
+from transact_edge.loading import load, resolve
+from transact_edge.plan import WidthRequest
+from transact_edge.prune import PruneOptions, prune
+from transact_edge.stream import collect_streamed, prune_streamed
+
+
+def _weights(directory):
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out |= load_file(f)
+    return out
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_streamed_prune_equals_in_memory(tiny_dir, tmp_path, per_layer):
+    widths = WidthRequest(kv_heads=1, mlp_ratio=0.5)
+    ref = prune(PruneOptions(model=str(tiny_dir), out=tmp_path / "mem", widths=widths, per_layer=per_layer,
+                             calib_samples=4, seq_len=32, batch_size=2))
+    windows = corpus.windows(corpus.stream(load(str(tiny_dir)).tokenizer, "wiki", "train"), 32, 4)
+    got = prune_streamed(tiny_dir, tmp_path / "streamed", widths, windows, batch_size=2, per_layer=per_layer)
+    for key in ("kv_heads", "heads", "channels"):
+        assert got["kept"][key] == ref["kept"][key], key
+    assert got["pruned"]["layers"] == ref["pruned"]["layers"]
+    a, b = _weights(tmp_path / "mem"), _weights(tmp_path / "streamed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert got["peak_rss_mib"] > 0
+    x = torch.randint(0, 1000, (1, 16))
+    m1, m2 = load(str(tmp_path / "mem")).model, load(str(tmp_path / "streamed")).model
+    assert torch.equal(m1(input_ids=x).logits, m2(input_ids=x).logits)
+
+
+@pytest.mark.slow
+def test_streamed_statistics_of_smollm2_equal_in_memory(smollm2):
+    windows = corpus.windows(corpus.stream(smollm2.tokenizer, "wiki", "train"), 128, 4)
+    ref = collect(smollm2.model, windows, batch_size=2)
+    got = collect_streamed(resolve("smollm2-135m"), smollm2.model.config, windows, batch_size=2)
+    for a, b in zip(ref.mha + ref.mlp, got.mha + got.mlp):
+        assert torch.allclose(a, b, rtol=1e-6)
+
+
+def test_stream_cli_and_its_limits(tiny_llama_dir, tmp_path, capsys):
+    from transact_edge.cli import main
+
+    base = ["prune", "--model", str(tiny_llama_dir), "--kv-heads", "1", "--mlp-ratio", "0.5", "--calib-samples", "2",
+            "--seq-len", "32", "--stream"]
+    assert main([*base, "--out", str(tmp_path / "ok")]) == 0
+    assert load(str(tmp_path / "ok")).model.config.num_key_value_heads == 1
+    for extra, needle in ((["--shots", "2"], "--shots"), (["--train-tokens", "64"], "--train-tokens"),
+                          (["--metric", "taylor"], "--metric")):
+        capsys.readouterr()
+        assert main([*base, "--out", str(tmp_path / "bad"), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0]
+        assert not (tmp_path / "bad").exists()

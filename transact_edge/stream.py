@@ -1,0 +1,179 @@
+"""Layer-streamed TransAct: prune a checkpoint larger than memory, one decoder layer at a time.
+
+Pass 1 reads each layer's weights from the memory-mapped safetensors of a Hugging Face directory,
+runs the calibration batch's hidden states through it (carried from layer to layer, in the
+checkpoint's dtype) with the same float64 hooks as calibration.collect, and drops the layer before
+the next is loaded. The statistics are small (one vector per layer), so widths (uniform or
+--per-layer) and kept indices come from plan.select exactly as in memory. Pass 2 reads each layer
+again, cuts it with surgery's own state-dict transform and writes the checkpoint shard by shard.
+Memory: one layer's weights, the hidden states of the calibration batch (twice), one output shard.
+One shot, TransAct salience, no recovery: recovery training of such models is the distributed path.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from . import plan
+from .calibration import Stats, accumulator
+from .checkpoint import REPORT, atomic_dir
+from .salience import from_stats
+from .shapes import LayerShape, head_dim, kv_bytes_per_token, layer_shapes
+from .surgery import cut_layer, config_for
+
+log = logging.getLogger(__name__)
+SHARD_BYTES = 2 * 1024**3   # output shards of at most ~2 GiB, as save_pretrained writes them
+
+
+class Weights:
+    """Every tensor of a safetensors checkpoint by name, read on demand from its memory map."""
+
+    def __init__(self, directory: Path):
+        self.files = {}
+        for f in sorted(directory.glob("*.safetensors")):
+            handle = safe_open(f, "pt")
+            for key in handle.keys():
+                self.files[key] = handle
+
+    def prefix(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: self.files[k].get_tensor(k) for k in self.files if k.startswith(prefix)}
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.files[key].get_tensor(key)
+
+
+def _skeleton(config):
+    """The model on the meta device (no memory) and a real rotary-embedding module."""
+    from .surgery import model_class
+
+    config._attn_implementation = "sdpa"  # causal without a mask, as in the full model's forward
+    with torch.device("meta"):
+        model = model_class(config)(config)
+    rotary = type(model.model.rotary_emb)(config=config)
+    return model, rotary
+
+
+def _load_layer(model, weights: Weights, il: int):
+    layer = model.model.layers[il]
+    layer.load_state_dict(weights.prefix(f"model.layers.{il}."), strict=True, assign=True)
+    return layer
+
+
+@torch.inference_mode()
+def collect_streamed(directory: Path, config, windows: torch.Tensor, batch_size: int) -> Stats:
+    """calibration.collect's statistics, computed one layer at a time from the files."""
+    weights = Weights(directory)
+    model, rotary = _skeleton(config)
+    dtype = weights.get("model.embed_tokens.weight").dtype
+    hidden = torch.nn.functional.embedding(windows, weights.get("model.embed_tokens.weight"))  # (N, T, H)
+    positions = torch.arange(windows.shape[1])[None]
+    cos_sin = rotary(hidden[:1], positions)
+    mha, mlp = [], []
+    for il in tqdm(range(config.num_hidden_layers), desc="streamed salience", unit="layer", leave=False):
+        layer = _load_layer(model, weights, il)
+        acc_mha = torch.zeros(layer.self_attn.o_proj.in_features, dtype=torch.float64)
+        acc_mlp = torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float64)
+        hooks = [layer.self_attn.o_proj.register_forward_pre_hook(accumulator(acc_mha)),
+                 layer.mlp.down_proj.register_forward_pre_hook(accumulator(acc_mlp))]
+        out = torch.empty_like(hidden)
+        for i in range(0, hidden.shape[0], batch_size):
+            batch = hidden[i:i + batch_size]
+            out[i:i + batch_size] = layer(batch, attention_mask=None, position_ids=positions,
+                                          position_embeddings=tuple(c.expand(batch.shape[0], -1, -1).to(dtype)
+                                                                    for c in cos_sin))
+        for h in hooks:
+            h.remove()
+        layer.to("meta")  # drop the weights before the next layer is read
+        hidden = out
+        mha.append(acc_mha)
+        mlp.append(acc_mlp)
+    return Stats(mha, mlp, windows.numel())
+
+
+def write_pruned(directory: Path, out: Path, config, plans: list[plan.LayerPlan], report: dict) -> None:
+    """The pruned checkpoint, shard by shard, tokenizer and transact.json included (atomic)."""
+    from transformers import AutoTokenizer
+
+    weights = Weights(directory)
+    hd = head_dim(config)
+    new_config = config_for(config, [p.shape for p in plans])
+    with atomic_dir(out, force=True) as tmp:
+        shard, shard_bytes, index, n = {}, 0, {}, 0
+
+        def flush() -> None:
+            nonlocal shard, shard_bytes, n
+            if shard:
+                n += 1
+                name = f"model-{n:05d}.safetensors"
+                save_file(shard, tmp / name, metadata={"format": "pt"})
+                index.update({k: name for k in shard})
+                shard, shard_bytes = {}, 0
+
+        groups = [("", {k: weights.get(k) for k in weights.files if not k.startswith("model.layers.")})]
+        groups += [(f"model.layers.{il}", None) for il in range(config.num_hidden_layers)]
+        for prefix, tensors in tqdm(groups, desc="streamed surgery", unit="layer", leave=False):
+            if tensors is None:
+                il = int(prefix.rsplit(".", 1)[1])
+                tensors = {f"{prefix}.{k}": v for k, v in weights.prefix(prefix + ".").items()}
+                cut_layer(tensors, prefix, plans[il], hd)
+            for k, v in tensors.items():
+                shard[k] = v.contiguous()
+                shard_bytes += v.numel() * v.element_size()
+                if shard_bytes >= SHARD_BYTES:
+                    flush()
+        flush()
+        names = sorted(set(index.values()))
+        if len(names) == 1:
+            (tmp / names[0]).rename(tmp / "model.safetensors")
+        else:
+            (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+        new_config.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(directory).save_pretrained(tmp)
+        (tmp / REPORT).write_text(json.dumps(report, indent=1))
+
+
+def prune_streamed(directory: Path, out: Path, widths: plan.WidthRequest, windows: torch.Tensor,
+                   batch_size: int = 4, per_layer: bool = False) -> dict:
+    """One TransAct shot over a checkpoint directory in bounded memory; returns transact.json."""
+    from transformers import AutoConfig
+
+    from . import modeling  # noqa: F401  (per-layer configs)
+
+    start = time.perf_counter()
+    config = AutoConfig.from_pretrained(directory)
+    shapes = layer_shapes(config)
+    widest = max(shapes, key=lambda s: (s.n_head, s.ffn_dim))
+    uniform = plan.target(widest, widths)
+    stats = collect_streamed(directory, config, windows, batch_size)
+    scores = from_stats(stats, shapes)
+    new = plan.per_layer_widths(scores, shapes, uniform, widths.round_to) if per_layer else [uniform] * len(shapes)
+    plans = plan.select(scores, shapes, new)
+    lineage = plan.Lineage.dense(shapes)
+    lineage.apply(plans)
+    salience_seconds = time.perf_counter() - start
+    report = {"format": "transact-edge/1", "source": {"model": str(directory), "path": str(directory),
+                                                      "model_type": config.model_type},
+              "options": {"widths": widths.__dict__, "per_layer": per_layer, "shots": 1, "train_tokens": 0,
+                          "metric": "acts", "streamed": True},
+              "calibration": {"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
+                              "tokens": int(windows.numel())},
+              "dense": {"layers": [s.as_dict() for s in shapes],
+                        "kv_bytes_per_token_f16": kv_bytes_per_token(shapes, head_dim(config))},
+              "pruned": {"layers": [p.shape.as_dict() for p in plans],
+                         "kv_bytes_per_token_f16": kv_bytes_per_token([p.shape for p in plans], head_dim(config))},
+              "kept": {"kv_heads": lineage.kv_heads, "heads": lineage.heads, "channels": lineage.channels,
+                       "numbering": "indices in the source model"}}
+    write_pruned(directory, out, config, plans, report)
+    report["seconds"] = {"salience": salience_seconds, "total": time.perf_counter() - start}
+    with open("/proc/self/status") as f:
+        report["peak_rss_mib"] = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
+    (out / REPORT).write_text(json.dumps(report, indent=1))
+    log.info("streamed prune: %s", ", ".join(f"{LayerShape(**s)}" for s in report["pruned"]["layers"][:3]))
+    return report
