@@ -33,20 +33,27 @@ SHARD_BYTES = 2 * 1024**3   # output shards of at most ~2 GiB, as save_pretraine
 
 
 class Weights:
-    """Every tensor of a safetensors checkpoint by name, read on demand from its memory map."""
+    """Every tensor of a safetensors checkpoint by name, read on demand. Each read opens the file's
+    memory map and closes it again, so pages already read do not stay mapped into the process."""
 
     def __init__(self, directory: Path):
-        self.files = {}
+        self.files: dict[str, Path] = {}
         for f in sorted(directory.glob("*.safetensors")):
-            handle = safe_open(f, "pt")
-            for key in handle.keys():
-                self.files[key] = handle
+            with safe_open(f, "pt") as handle:
+                self.files.update({key: f for key in handle.keys()})
+
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        out = {}
+        for f in dict.fromkeys(self.files[k] for k in keys):
+            with safe_open(f, "pt") as handle:
+                out.update({k: handle.get_tensor(k) for k in keys if self.files[k] == f})
+        return out
 
     def prefix(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix):]: self.files[k].get_tensor(k) for k in self.files if k.startswith(prefix)}
+        return {k[len(prefix):]: v for k, v in self.read([k for k in self.files if k.startswith(prefix)]).items()}
 
     def get(self, key: str) -> torch.Tensor:
-        return self.files[key].get_tensor(key)
+        return self.read([key])[key]
 
 
 def _skeleton(config):
@@ -116,7 +123,7 @@ def write_pruned(directory: Path, out: Path, config, plans: list[plan.LayerPlan]
                 index.update({k: name for k in shard})
                 shard, shard_bytes = {}, 0
 
-        groups = [("", {k: weights.get(k) for k in weights.files if not k.startswith("model.layers.")})]
+        groups = [("", weights.read([k for k in weights.files if not k.startswith("model.layers.")]))]
         groups += [(f"model.layers.{il}", None) for il in range(config.num_hidden_layers)]
         for prefix, tensors in tqdm(groups, desc="streamed surgery", unit="layer", leave=False):
             if tensors is None:
