@@ -4,7 +4,6 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import resource
 import sys
 
 
@@ -24,7 +23,8 @@ def machine() -> dict:
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    from transact_edge.devices.base import own_peak_rss_mib
+    return own_peak_rss_mib()
 
 
 def rss_mib() -> float:

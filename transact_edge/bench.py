@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import llamabuild
+from .devices.base import own_peak_rss_mib
 from .errors import UserError
 from .ggufmap import read_header
 
@@ -243,17 +244,11 @@ class _Torch:
 SESSIONS = {"llama.cpp": _LlamaCpp, "onnxruntime": _Ort, "torch": _Torch}
 
 
-def _vm_hwm_mib() -> float:
-    """This process's peak RSS since its exec (getrusage would include the parent's, see devices.base)."""
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
-
-
 def measure(runtime: str, model: str, cases: list[tuple[int, int, int]], threads: int, reps: int,
             vocab: int, seed: int = 0) -> dict:
     """Tokens/s samples per case, in this process. Random tokens, as llama-bench uses."""
     n_ctx = max(p + n + d for p, n, d in cases)
-    before = _vm_hwm_mib()  # the interpreter and its imports
+    before = own_peak_rss_mib()  # the interpreter and its imports
     session = SESSIONS[runtime](model, n_ctx, threads)
     rng = np.random.default_rng(seed)
     session.eval(rng.integers(vocab, size=1))  # warm-up

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from . import plan
 from .calibration import Stats, accumulator
 from .checkpoint import REPORT, atomic_dir
+from .devices.base import own_peak_rss_mib
 from .salience import from_stats
 from .shapes import LayerShape, head_dim, kv_bytes_per_token, layer_shapes
 from .surgery import cut_layer, config_for
@@ -179,8 +180,7 @@ def prune_streamed(directory: Path, out: Path, widths: plan.WidthRequest, window
                        "numbering": "indices in the source model"}}
     write_pruned(directory, out, config, plans, report)
     report["seconds"] = {"salience": salience_seconds, "total": time.perf_counter() - start}
-    with open("/proc/self/status") as f:
-        report["peak_rss_mib"] = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
+    report["peak_rss_mib"] = own_peak_rss_mib()
     (out / REPORT).write_text(json.dumps(report, indent=1))
     log.info("streamed prune: %s", ", ".join(f"{LayerShape(**s)}" for s in report["pruned"]["layers"][:3]))
     return report
