@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from . import memory
+
 
 @dataclass
 class Stats:
@@ -49,16 +51,30 @@ def hooked(model) -> Stats:
 
 
 @torch.inference_mode()
-def collect(model, windows: torch.Tensor, batch_size: int = 8, desc: str = "salience") -> Stats:
-    """Run `windows` (N, T) through the model in batches and return the summed statistics."""
+def collect(model, windows: torch.Tensor, batch_size: int = 8, desc: str = "salience", group=None) -> Stats:
+    """Run `windows` (N, T) through the model in batches and return the summed statistics.
+
+    With a distributed.Group, each process runs its share and the sums are over all processes.
+    """
     device = next(model.parameters()).device
+    if group is not None:
+        windows = group.share(windows)
     was_training = model.training
     model.eval()
+    forward = lambda batch: model.model(input_ids=batch.to(device), use_cache=False)  # noqa: E731 - no LM head
+
     with hooked(model) as stats:
-        for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch", leave=False):
-            model.model(input_ids=batch.to(device), use_cache=False)  # the LM head is not needed
-            stats.tokens += batch.numel()
+        def run() -> None:
+            for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch", leave=False,
+                              disable=group is not None and not group.main):
+                forward(batch)
+                stats.tokens += batch.numel()
+
+        memory.guarded(run, lambda b: forward(windows[:b]), "salience", batch_size, windows.shape[1], device)
     model.train(was_training)
+    if group is not None:
+        group.sum_(stats.mha + stats.mlp)
+        stats.tokens *= group.world
     return Stats([m.cpu() for m in stats.mha], [f.cpu() for f in stats.mlp], stats.tokens)
 
 
@@ -67,11 +83,12 @@ ROWS = {"q": ("self_attn", "q_proj"), "k": ("self_attn", "k_proj"), "v": ("self_
 COLS = {"o": ("self_attn", "o_proj"), "down": ("mlp", "down_proj")}  # and columns of these
 
 
-def weight_products(model, fn=None, windows: torch.Tensor | None = None,
-                    batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+def weight_products(model, fn=None, windows: torch.Tensor | None = None, batch_size: int = 8,
+                    group=None) -> list[dict[str, torch.Tensor]]:
     """Per layer, fn(weight) summed over each row of q/k/v/gate/up and each column of o/down (bias
     elements join their rows), in float64. With `windows` and no fn: fn = |grad x weight|, the
-    language-model loss's gradient summed over the calibration batches (only these weights get one).
+    language-model loss's gradient summed over the calibration batches (only these weights get one;
+    with a distributed.Group, over every process's share of the batches).
     """
     layers = model.model.layers
     modules = lambda layer, table: {k: getattr(getattr(layer, a), b) for k, (a, b) in table.items()}  # noqa: E731
@@ -87,14 +104,19 @@ def weight_products(model, fn=None, windows: torch.Tensor | None = None,
             p.grad = None
         was_training = model.training
         model.eval()
+        if group is not None:
+            windows = group.share(windows)
         try:
-            for batch in tqdm(windows.split(batch_size), desc="taylor", unit="batch", leave=False):
+            for batch in tqdm(windows.split(batch_size), desc="taylor", unit="batch", leave=False,
+                              disable=group is not None and not group.main):
                 batch = batch.to(device)
                 model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
         finally:
             model.train(was_training)
             for p, f in flags.items():
                 p.requires_grad_(f)
+        if group is not None:
+            group.sum_([p.grad for p in wanted])
         fn = lambda w: (w.grad.double() * w.detach().double()).abs()  # noqa: E731
     out = []
     with torch.no_grad():

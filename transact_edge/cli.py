@@ -69,15 +69,32 @@ def _prune_options(a: argparse.Namespace):
         widths=WidthRequest(a.heads, a.kv_heads, a.mlp, a.attn_ratio, a.mlp_ratio, a.round_to),
         per_layer=a.per_layer, metric=a.metric, stream=a.stream, shots=a.shots, train_tokens=a.train_tokens, calib=a.calib,
         calib_samples=a.calib_samples, seq_len=a.seq_len, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-        eval=a.eval, eval_tokens=a.eval_tokens, resume=a.resume, force=a.force, device=a.device)
+        eval=a.eval, eval_tokens=a.eval_tokens, resume=a.resume, force=a.force, device=a.device,
+        sharding=getattr(a, "sharding", "ddp"))
+
+
+def _gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def cmd_prune(a: argparse.Namespace) -> int:
-    from .prune import prune
+    from .prune import check, prune
 
-    report = prune(_prune_options(a))
-    print(_summary_table({"dense": report["dense"], "pruned": report["pruned"]}, report))
-    print(f"wrote {a.out}")
+    opts = _prune_options(a)
+    if a.launcher:
+        from . import distributed
+
+        check(opts)  # bad options: one line here, not one traceback per process
+        if opts.stream:
+            raise UserError("--stream runs in one process; drop --launcher")
+        processes = a.processes or max(2, _gpus())
+        return distributed.launch(a.launcher, processes, a.argv)
+    report = prune(opts)
+    if os.environ.get("RANK", "0") == "0":  # under a launcher, process 0 speaks for all
+        print(_summary_table({"dense": report["dense"], "pruned": report["pruned"]}, report))
+        print(f"wrote {a.out}")
     return 0
 
 
@@ -91,7 +108,7 @@ def _summary_table(rows: dict, report: dict) -> str:
         ppl = report.get(f"perplexity_{'before' if name == 'dense' else 'after'}")
         lines.append(f"| {name} | {s['params']:,} | {', '.join(f'{h}/{k}' for h, k in heads)} | "
                      f"{mlp[0] if len(mlp) == 1 else f'{mlp[0]}..{mlp[-1]}'} | {s['kv_bytes_per_token_f16']:,} | "
-                     f"{ppl['ppl']:.2f} |" if ppl else "- |")
+                     + (f"{ppl['ppl']:.2f} |" if ppl else "- |"))
     ppl = report.get("perplexity_after")
     if ppl:
         lines.append(f"\nperplexity protocol: {ppl['text']}, window {ppl['window']}, stride {ppl['stride']}, "
@@ -253,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model with TransAct")
     _add_prune_args(p)
+    d = p.add_argument_group("several GPUs (or CPU processes): recovery training through torch.distributed")
+    d.add_argument("--launcher", help="start --processes copies of this command with accelerate or torchrun")
+    d.add_argument("--processes", type=int, help="processes to launch (default: the visible GPUs, at least 2)")
+    d.add_argument("--sharding", default="ddp", help="ddp (replicated weights) or fsdp (weights, gradients and "
+                   "AdamW state sharded over the processes)")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("eval", help="evaluate a model")
@@ -332,9 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # what a launcher runs again
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(name)s: %(message)s")
-        logging.getLogger("transact_edge").setLevel(logging.INFO)
+        quiet = os.environ.get("RANK", "0") != "0"  # the other processes of a launched run
+        logging.getLogger("transact_edge").setLevel(logging.WARNING if quiet else logging.INFO)
         import transformers
 
         transformers.utils.logging.disable_progress_bar()  # our own bars cover the long steps

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import corpus, plan, recovery, salience
+from . import corpus, distributed, plan, recovery, salience
 from .checkpoint import atomic_dir, check_output, save
 from .errors import UserError
 from .evaluate import perplexity
@@ -49,11 +50,12 @@ class PruneOptions:
     resume: bool = False
     force: bool = False
     device: str = "auto"
+    sharding: str = "ddp"            # recovery under a launcher (distributed.py): ddp or fsdp
 
     def fingerprint(self) -> dict:
         """What must match for --resume to continue a run."""
         d = asdict(self)
-        for k in ("resume", "force", "device", "eval", "eval_tokens", "out"):
+        for k in ("resume", "force", "device", "sharding", "eval", "eval_tokens", "out"):
             d.pop(k)
         return json.loads(json.dumps(d, default=str))
 
@@ -81,6 +83,8 @@ def _validate(opts: PruneOptions) -> None:
         raise UserError(f"--train-tokens must be >= 0, got {opts.train_tokens}")
     if opts.metric not in salience.METRICS:
         raise UserError(f"unknown --metric {opts.metric!r} (choose from {', '.join(salience.METRICS)})")
+    if opts.sharding not in distributed.SHARDING:
+        raise UserError(f"unknown --sharding {opts.sharding!r} (choose from {', '.join(distributed.SHARDING)})")
 
 
 def _widest(shapes):
@@ -103,19 +107,39 @@ def _last_shot(partial: Path, opts: PruneOptions) -> tuple[int, dict] | None:
     return shot, state
 
 
-def prune(opts: PruneOptions) -> dict:
-    """Run the whole schedule and write opts.out; returns the report also saved as transact.json."""
+def check(opts: PruneOptions) -> None:
+    """Everything about the options that can be refused before any weight is read."""
     _validate(opts)
     check_output(opts.out, opts.force)
-    if opts.stream:
-        return _prune_streamed(opts)
     config = read_config(opts.model)
-    if config is not None:  # widths checked before the weights are read
+    if config is not None:
         plan.target(_widest(layer_shapes(config)), opts.widths)
+
+
+def prune(opts: PruneOptions) -> dict:
+    """Run the whole schedule and write opts.out; returns the report also saved as transact.json.
+
+    Started by a launcher (distributed.py), every process runs this with the same options.
+    """
+    check(opts)
+    if opts.stream:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("--stream runs in one process; drop the launcher")
+        return _prune_streamed(opts)
+    group = distributed.join(opts.device)
+    try:
+        return _prune(opts, group)
+    finally:
+        distributed.leave()
+
+
+def _prune(opts: PruneOptions, group: distributed.Group | None) -> dict:
+    main = group is None or group.main
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     loaded = load(opts.model)
-    model, tok = loaded.model.to(resolve_device(opts.device)), loaded.tokenizer
+    device = group.device if group is not None else resolve_device(opts.device)
+    model, tok = loaded.model.to(device), loaded.tokenizer
     dense_shapes = layer_shapes(model.config)
     final = plan.target(_widest(dense_shapes), opts.widths)
     train_ids = corpus.stream(tok, opts.calib, "train")
@@ -128,11 +152,12 @@ def prune(opts: PruneOptions) -> dict:
         start, state = resumed
         log.info("resuming after shot %d of %d from %s", start, opts.shots, partial)
         del model
-        model = load(str(partial / f"shot-{start}")).model.to(resolve_device(opts.device))
+        model = load(str(partial / f"shot-{start}")).model.to(device)
         lineage = plan.Lineage(**state["lineage"])
         report = state["report"]
     else:
-        shutil.rmtree(partial, ignore_errors=True)
+        if main:
+            shutil.rmtree(partial, ignore_errors=True)
         start = 0
         lineage = plan.Lineage.dense(dense_shapes)
         report = {
@@ -145,7 +170,9 @@ def prune(opts: PruneOptions) -> dict:
             "shots": [],
             "seconds": {},
         }
-        if opts.eval:
+        if group is not None:
+            report["distributed"] = {"processes": group.world, "backend": group.backend, "sharding": opts.sharding}
+        if opts.eval and main:
             t = time.perf_counter()
             report["perplexity_before"] = _eval(model, tok, opts).as_dict()
             seconds["eval_before"] = time.perf_counter() - t
@@ -157,7 +184,8 @@ def prune(opts: PruneOptions) -> dict:
         uniform = plan.step(_widest(shapes), final, opts.shots - shot, opts.widths.round_to)
 
         t = time.perf_counter()
-        scores = salience.METRICS[opts.metric](model, calib, shapes, opts.batch_size, opts.seed * 1000 + shot)
+        scores = salience.METRICS[opts.metric](model, calib, shapes, opts.batch_size, opts.seed * 1000 + shot,
+                                               group=group)
         record["salience_seconds"] = time.perf_counter() - t
         record["salience_tokens_per_s"] = calib.numel() / record["salience_seconds"]
 
@@ -175,21 +203,25 @@ def prune(opts: PruneOptions) -> dict:
         log.info("shot %d/%d: %s", shot + 1, opts.shots, _widths_line(new_shapes))
 
         if budgets[shot] > 0:
-            n = max(1, budgets[shot] // opts.seq_len)
+            world = group.world if group is not None else 1
+            n = max(world, budgets[shot] // opts.seq_len // world * world)  # the same steps in every process
             windows = corpus.windows(train_ids, opts.seq_len, n, seed=opts.seed * 1000 + shot)
-            record["recovery"] = recovery.train(model, windows, opts.batch_size, opts.lr, seed=opts.seed + shot,
-                                                desc=f"shot {shot + 1}/{opts.shots} recovery")
+            model, record["recovery"] = recovery.train(
+                model, windows, opts.batch_size, opts.lr, seed=opts.seed + shot,
+                desc=f"shot {shot + 1}/{opts.shots} recovery", group=group, sharding=opts.sharding)
         report["shots"].append(record)
 
         t = time.perf_counter()
-        _checkpoint(partial, shot + 1, model, tok, {"options": opts.fingerprint(), "lineage": asdict(lineage),
-                                                    "report": report})
+        if main:
+            _checkpoint(partial, shot + 1, model, tok, {"options": opts.fingerprint(), "lineage": asdict(lineage),
+                                                        "report": report})
+        _wait(group)
         record["checkpoint_seconds"] = time.perf_counter() - t
 
     report["pruned"] = _shape_summary(model)
     report["kept"] = asdict(lineage) | {"numbering": "indices in the source model"}
     del report["kept"]["shots"]
-    if opts.eval:
+    if opts.eval and main:
         t = time.perf_counter()
         report["perplexity_after"] = _eval(model, tok, opts).as_dict()
         seconds["eval_after"] = time.perf_counter() - t
@@ -197,10 +229,18 @@ def prune(opts: PruneOptions) -> dict:
     seconds |= {"salience": stage("salience_seconds"), "surgery": stage("surgery_seconds"),
                 "recovery": sum(s.get("recovery", {}).get("seconds", 0.0) for s in report["shots"])}
     report["seconds"] = report.get("seconds", {}) | seconds
-    with atomic_dir(opts.out, opts.force) as tmp:
-        save(tmp, model, tok, report)
-    shutil.rmtree(partial, ignore_errors=True)
+    if main:
+        with atomic_dir(opts.out, opts.force) as tmp:
+            save(tmp, model, tok, report)
+        shutil.rmtree(partial, ignore_errors=True)
+    _wait(group)
     return report
+
+
+def _wait(group: distributed.Group | None) -> None:
+    """The other processes wait while process 0 writes."""
+    if group is not None:
+        group.barrier()
 
 
 def _prune_streamed(opts: PruneOptions) -> dict:

@@ -2,6 +2,8 @@
 
 AdamW with betas (0.9, 0.95), linear warmup over the first 10% of steps, then cosine decay;
 bf16 autocast on GPUs, float32 on the CPU. The shot's token budget fixes the number of steps.
+Launched on several processes (distributed.py), each trains on its share of the windows through
+DDP or FSDP2. A batch that does not fit ends with the largest one that does (memory.py).
 """
 from __future__ import annotations
 
@@ -13,6 +15,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from . import memory
+from .distributed import Group, unwrap, wrap
+
 log = logging.getLogger(__name__)
 
 
@@ -22,34 +27,59 @@ def tokens_per_shot(total: int, shots: int) -> list[int]:
     return [total * w // sum(weights) for w in weights]
 
 
-def train(model, windows: torch.Tensor, batch_size: int, lr: float, seed: int, desc: str = "recovery") -> dict:
-    """One pass over `windows` (N, T) in batches of `batch_size`; returns loss and throughput."""
+def train(model, windows: torch.Tensor, batch_size: int, lr: float, seed: int, desc: str = "recovery",
+          group: Group | None = None, sharding: str = "ddp"):
+    """One pass over `windows` (N, T) in batches of `batch_size` (per process); returns the trained
+    model (a new object after FSDP) and the loss and throughput."""
+    if group is not None:  # every process must take the same number of steps
+        windows = group.share(windows[: windows.shape[0] - windows.shape[0] % group.world])
     steps = math.ceil(windows.shape[0] / batch_size)
     if steps == 0:
-        return {"steps": 0, "tokens": 0}
+        return model, {"steps": 0, "tokens": 0}
     torch.manual_seed(seed)
     device = next(model.parameters()).device
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    net = wrap(model, sharding, group) if group is not None else model
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=math.ceil(0.1 * steps), num_training_steps=steps)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    model.train()
-    start, losses = time.perf_counter(), []
-    bar = tqdm(windows.split(batch_size), desc=desc, unit="step", leave=False)
-    for batch in bar:
-        batch = batch.to(device)
+    net.train()
+    losses: list[float] = []
+
+    def backward(batch: torch.Tensor) -> torch.Tensor:
         with autocast:
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            loss = net(input_ids=batch.to(device), labels=batch.to(device), use_cache=False).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")
-    model.eval()
+        return loss
+
+    def run() -> None:
+        bar = tqdm(windows.split(batch_size), desc=desc, unit="step", leave=False, disable=group is not None and not group.main)
+        for batch in bar:
+            loss = backward(batch)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+
+    def probe(b: int) -> None:
+        """One step's memory at batch b: forward and backward, plus AdamW's two moments if not yet made."""
+        moments = [torch.empty_like(p) for p in net.parameters() for _ in range(2)] if not opt.state else []
+        try:
+            backward(windows[:b])
+        finally:
+            opt.zero_grad(set_to_none=True)
+            del moments
+
+    start = time.perf_counter()
+    memory.guarded(run, probe, "recovery training", batch_size, windows.shape[1], device)
+    net.eval()
+    model = unwrap(net, sharding) if group is not None else net
     seconds = time.perf_counter() - start
-    tokens = windows.numel()
+    world = group.world if group is not None else 1
+    tokens = windows.numel() * world
     log.info("recovery: %d steps, %d tokens, loss %.3f -> %.3f, %.0f tok/s",
              steps, tokens, losses[0], losses[-1], tokens / seconds)
-    return {"steps": steps, "tokens": tokens, "loss_first": losses[0], "loss_last": losses[-1],
-            "seconds": seconds, "tokens_per_s": tokens / seconds}
+    return model, {"steps": steps, "tokens": tokens, "loss_first": losses[0], "loss_last": losses[-1],
+                   "seconds": seconds, "tokens_per_s": tokens / seconds, "processes": world,
+                   "sharding": sharding if group is not None else None}

@@ -51,9 +51,10 @@ def summary(x: torch.Tensor) -> dict[str, float]:
     return {"min": float(q[0]), "median": float(q[1]), "max": float(q[2]), "mean": float(x.double().mean())}
 
 
-def acts(model, windows: torch.Tensor, shapes: list[LayerShape], batch_size: int, seed: int) -> Scores:
+def acts(model, windows: torch.Tensor, shapes: list[LayerShape], batch_size: int, seed: int,
+         group=None) -> Scores:
     """TransAct: activation statistics of the transitional activations (forward only)."""
-    stats = collect(model, windows, batch_size)
+    stats = collect(model, windows, batch_size, group=group)
     return from_stats(stats, shapes)
 
 
@@ -76,17 +77,20 @@ def _structured(per_layer: list[dict[str, torch.Tensor]], shapes: list[LayerShap
     return Scores(heads, groups, channels)
 
 
-def magnitude(model, windows: torch.Tensor, shapes: list[LayerShape], batch_size: int, seed: int) -> Scores:
+def magnitude(model, windows: torch.Tensor, shapes: list[LayerShape], batch_size: int, seed: int,
+              group=None) -> Scores:
     """L2 norm of each structure's weights (no data)."""
     return _structured(weight_products(model, lambda w: w.double().square()), shapes, root=True)
 
 
-def taylor(model, windows: torch.Tensor, shapes: list[LayerShape], batch_size: int, seed: int) -> Scores:
+def taylor(model, windows: torch.Tensor, shapes: list[LayerShape], batch_size: int, seed: int,
+           group=None) -> Scores:
     """First-order Taylor: |gradient x weight| summed over each structure's weights."""
-    return _structured(weight_products(model, None, windows, batch_size), shapes, root=False)
+    return _structured(weight_products(model, None, windows, batch_size, group), shapes, root=False)
 
 
-def random(model, windows: torch.Tensor, shapes: list[LayerShape], batch_size: int, seed: int) -> Scores:
+def random(model, windows: torch.Tensor, shapes: list[LayerShape], batch_size: int, seed: int,
+           group=None) -> Scores:
     g = torch.Generator().manual_seed(seed)
     draw = lambda n: torch.rand(n, generator=g, dtype=torch.float64)  # noqa: E731
     return Scores([draw(s.n_head) for s in shapes], [draw(s.n_kv_head) for s in shapes],

@@ -102,7 +102,11 @@ def cut(model, plans: list[LayerPlan], consume: bool = False):
         cut_layer(sd, f"model.layers.{il}", p, hd)
         if consume:
             model.model.layers[il].to("meta")
-    cfg = config_for(model.config, [p.shape for p in plans])
+    return assemble(config_for(model.config, [p.shape for p in plans]), sd, buffers, model.training)
+
+
+def assemble(cfg, sd: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], training: bool = False):
+    """A model of `cfg`'s class holding the tensors of `sd` (no copy) and the non-persistent buffers."""
     with torch.device("meta"):
         new = model_class(cfg)(cfg)
     new.load_state_dict(sd, strict=True, assign=True)
@@ -111,5 +115,5 @@ def cut(model, plans: list[LayerPlan], consume: bool = False):
         new.get_submodule(owner).register_buffer(leaf, buf, persistent=False)
     new.tie_weights()
     new.to(sd["model.embed_tokens.weight"].device)
-    new.train(model.training)
+    new.train(training)
     return new
