@@ -26,7 +26,7 @@ from .calibration import Stats, accumulator
 from .checkpoint import REPORT, atomic_dir
 from .devices.base import own_peak_rss_mib
 from .salience import from_stats
-from .shapes import LayerShape, head_dim, kv_bytes_per_token, layer_shapes
+from .shapes import LayerShape, count_params, head_dim, kv_bytes_per_token, layer_shapes
 from .surgery import cut_layer, config_for
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,14 @@ def _skeleton(config):
         model = model_class(config)(config)
     rotary = type(model.model.rotary_emb)(config=config)
     return model, rotary
+
+
+def _params(config) -> int:
+    """Parameters of a model of this config, counted on the meta device (no memory)."""
+    from .surgery import model_class
+
+    with torch.device("meta"):
+        return count_params(model_class(config)(config))
 
 
 def _load_layer(model, weights: Weights, il: int):
@@ -172,9 +180,10 @@ def prune_streamed(directory: Path, out: Path, widths: plan.WidthRequest, window
                           "metric": "acts", "streamed": True},
               "calibration": {"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
                               "tokens": int(windows.numel())},
-              "dense": {"layers": [s.as_dict() for s in shapes],
+              "dense": {"layers": [s.as_dict() for s in shapes], "params": _params(config),
                         "kv_bytes_per_token_f16": kv_bytes_per_token(shapes, head_dim(config))},
               "pruned": {"layers": [p.shape.as_dict() for p in plans],
+                         "params": _params(config_for(config, [p.shape for p in plans])),
                          "kv_bytes_per_token_f16": kv_bytes_per_token([p.shape for p in plans], head_dim(config))},
               "kept": {"kv_heads": lineage.kv_heads, "heads": lineage.heads, "channels": lineage.channels,
                        "numbering": "indices in the source model"}}
