@@ -2,8 +2,9 @@
 
 When a batch does not fit (CUDA's OutOfMemoryError, or the CPU allocator's failure under a memory
 limit), the step's tensors are released and smaller batches are tried on the same windows, halving
-the interval each time; the error then names the largest batch that ran. Only the sizes are
-searched: nothing trained on during the search is kept (gradients are dropped after each try).
+the interval each time; the error then names the largest batch that ran. The search runs the real
+step (for training: two optimizer steps, so that AdamW's state is there as it is in training) and
+always ends in that error, so nothing it changes is kept.
 """
 from __future__ import annotations
 

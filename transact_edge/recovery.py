@@ -45,31 +45,31 @@ def train(model, windows: torch.Tensor, batch_size: int, lr: float, seed: int, d
     net.train()
     losses: list[float] = []
 
-    def backward(batch: torch.Tensor) -> torch.Tensor:
+    def step(batch: torch.Tensor) -> float:
+        batch = batch.to(device)
         with autocast:
-            loss = net(input_ids=batch.to(device), labels=batch.to(device), use_cache=False).loss
+            loss = net(input_ids=batch, labels=batch, use_cache=False).loss
         loss.backward()
-        return loss
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
 
     def run() -> None:
         bar = tqdm(windows.split(batch_size), desc=desc, unit="step", leave=False, disable=group is not None and not group.main)
         for batch in bar:
-            loss = backward(batch)
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            opt.step()
+            losses.append(step(batch))
             sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")
 
     def probe(b: int) -> None:
-        """One step's memory at batch b: forward and backward, plus AdamW's two moments if not yet made."""
-        moments = [torch.empty_like(p) for p in net.parameters() for _ in range(2)] if not opt.state else []
+        """Two whole steps at batch b: the second runs with AdamW's moments allocated, as training does.
+        Only called on the way to an error, so the weights these steps change are never saved."""
         try:
-            backward(windows[:b])
+            step(windows[:b])
+            step(windows[:b])
         finally:
             opt.zero_grad(set_to_none=True)
-            del moments
 
     start = time.perf_counter()
     memory.guarded(run, probe, "recovery training", batch_size, windows.shape[1], device)
