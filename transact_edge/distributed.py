@@ -74,11 +74,14 @@ class Group:
     rank: int
     world: int
     device: torch.device
-    backend: str
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.device.type == "cuda" else "gloo"
 
     def share(self, windows: torch.Tensor) -> torch.Tensor:
         """Every world-th window, from this rank's offset."""
@@ -105,11 +108,10 @@ def join(device: str) -> Group | None:
         raise UserError("--device cuda: no GPU is visible to this process")
     if gpu:
         torch.cuda.set_device(local)
-    backend = "nccl" if gpu else "gloo"
+    group = Group(rank, world, torch.device("cuda", local) if gpu else torch.device("cpu"))
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(hours=2),
-                                device_id=torch.device("cuda", local) if gpu else None)
-    return Group(rank, world, torch.device("cuda", local) if gpu else torch.device("cpu"), backend)
+        dist.init_process_group(group.backend, timeout=timedelta(hours=2), device_id=group.device if gpu else None)
+    return group
 
 
 def leave() -> None:
