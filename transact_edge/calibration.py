@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import memory
+from .distributed import quiet
 
 
 @dataclass
@@ -66,7 +67,7 @@ def collect(model, windows: torch.Tensor, batch_size: int = 8, desc: str = "sali
     with hooked(model) as stats:
         def run() -> None:
             for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch", leave=False,
-                              disable=group is not None and not group.main):
+                              disable=quiet(group)):
                 forward(batch)
                 stats.tokens += batch.numel()
 
@@ -108,7 +109,7 @@ def weight_products(model, fn=None, windows: torch.Tensor | None = None, batch_s
             windows = group.share(windows)
         try:
             for batch in tqdm(windows.split(batch_size), desc="taylor", unit="batch", leave=False,
-                              disable=group is not None and not group.main):
+                              disable=quiet(group)):
                 batch = batch.to(device)
                 model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
         finally:

@@ -86,10 +86,8 @@ def cmd_prune(a: argparse.Namespace) -> int:
     if a.launcher:
         from . import distributed
 
-        check(opts)  # bad options: one line here, not one traceback per process
-        if opts.stream:
-            raise UserError("--stream runs in one process; drop --launcher")
         processes = a.processes or max(2, _gpus())
+        check(opts, processes)  # bad options: one line here, not one traceback per process
         return distributed.launch(a.launcher, processes, a.argv)
     report = prune(opts)
     if os.environ.get("RANK", "0") == "0":  # under a launcher, process 0 speaks for all

@@ -97,9 +97,19 @@ class Group:
         dist.barrier()
 
 
+def launched_processes() -> int:
+    """How many processes the launcher that started this one started (1: no launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def quiet(group: Group | None) -> bool:
+    """Progress bars are process 0's alone."""
+    return group is not None and not group.main
+
+
 def join(device: str) -> Group | None:
     """Join the launched processes (None when this process was not started by a launcher)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_processes()
     if world == 1:
         return None
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))

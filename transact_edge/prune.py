@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -107,9 +106,11 @@ def _last_shot(partial: Path, opts: PruneOptions) -> tuple[int, dict] | None:
     return shot, state
 
 
-def check(opts: PruneOptions) -> None:
+def check(opts: PruneOptions, processes: int = 1) -> None:
     """Everything about the options that can be refused before any weight is read."""
     _validate(opts)
+    if opts.stream and processes > 1:
+        raise UserError("--stream runs in one process; drop the launcher")
     check_output(opts.out, opts.force)
     config = read_config(opts.model)
     if config is not None:
@@ -121,10 +122,8 @@ def prune(opts: PruneOptions) -> dict:
 
     Started by a launcher (distributed.py), every process runs this with the same options.
     """
-    check(opts)
+    check(opts, distributed.launched_processes())
     if opts.stream:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise UserError("--stream runs in one process; drop the launcher")
         return _prune_streamed(opts)
     group = distributed.join(opts.device)
     try:

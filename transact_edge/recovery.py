@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from . import memory
-from .distributed import Group, unwrap, wrap
+from .distributed import Group, quiet, unwrap, wrap
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def train(model, windows: torch.Tensor, batch_size: int, lr: float, seed: int, d
         return loss.item()
 
     def run() -> None:
-        bar = tqdm(windows.split(batch_size), desc=desc, unit="step", leave=False, disable=group is not None and not group.main)
+        bar = tqdm(windows.split(batch_size), desc=desc, unit="step", leave=False, disable=quiet(group))
         for batch in bar:
             losses.append(step(batch))
             sched.step()
