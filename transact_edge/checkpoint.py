@@ -31,6 +31,7 @@ def atomic_dir(final: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `final`; on success it replaces `final`, on error it is removed."""
     check_output(final, force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would outlive the rename
     try:
         yield tmp
     except BaseException:

@@ -45,6 +45,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("schedule")
     s.add_argument("--shots", type=int, default=1, help="iterative pruning shots (reference: 8)")
     s.add_argument("--train-tokens", type=_positive_int, default=0, help="recovery-training tokens over all shots")
+    s.add_argument("--schedule", default="linear", help="recovery tokens over the shots: linear (rising, the "
+                   "reference), final (80%% after the last cut, Minitron) or equal")
     s.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of recovery training")
     s.add_argument("--calib", default="wiki", help="'wiki' (shipped) or a .txt/.jsonl file or dataset directory")
     s.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
@@ -52,6 +54,25 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--batch-size", type=int, default=4)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    r = p.add_argument_group("recovery (with --train-tokens > 0)")
+    r.add_argument("--recovery", default="kd", help="kd: distil from the teacher (forward KL on logits, default); "
+                   "lm: next-token loss on the training data")
+    r.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature of both models (1.0)")
+    r.add_argument("--kd-alpha", type=float, default=0.0, help="weight of an added LM loss in kd mode (0)")
+    r.add_argument("--teacher", help="teacher model (default: the dense source model)")
+    r.add_argument("--train-data", metavar="SPEC", help="recovery text, streamed: the --calib forms or 'generated', "
+                   "mixed as wiki@1,generated@3 (default: the calibration corpus)")
+    r.add_argument("--gen-tokens", type=_positive_int, default=0, help="tokens the teacher samples for 'generated'")
+    r.add_argument("--gen-len", type=int, default=256, help="tokens sampled per generated sequence")
+    r.add_argument("--gen-batch", type=_positive_int, default=0, help="sequences sampled at once (0: automatic)")
+    r.add_argument("--val-windows", type=_positive_int, default=8,
+                   help="validation windows held apart from the first training source (0: none)")
+    r.add_argument("--val-every", type=_positive_int, default=0, help="steps between validation losses "
+                   "(0: 20 per shot)")
+    r.add_argument("--checkpoint-minutes", type=float, default=5.0,
+                   help="save the training state inside a shot at least this often (for --resume)")
+    w.add_argument("--drop-layers", type=_positive_int, default=0, help="depth pruning: remove the N layers "
+                   "that change the hidden state least (ShortGPT block influence) before the first shot")
     p.add_argument("--eval", action="store_true", help="held-out perplexity before and after")
     p.add_argument("--eval-tokens", type=int, help="cap on held-out tokens scored")
     p.add_argument("--resume", action="store_true", help="continue after the last finished shot")
@@ -67,7 +88,11 @@ def _prune_options(a: argparse.Namespace):
     return PruneOptions(
         model=a.model, out=a.out,
         widths=WidthRequest(a.heads, a.kv_heads, a.mlp, a.attn_ratio, a.mlp_ratio, a.round_to),
-        per_layer=a.per_layer, metric=a.metric, stream=a.stream, shots=a.shots, train_tokens=a.train_tokens, calib=a.calib,
+        per_layer=a.per_layer, metric=a.metric, stream=a.stream, shots=a.shots, train_tokens=a.train_tokens,
+        schedule=a.schedule, recovery=a.recovery, kd_temperature=a.kd_temperature, kd_alpha=a.kd_alpha,
+        teacher=a.teacher, train_data=a.train_data, gen_tokens=a.gen_tokens, gen_len=a.gen_len,
+        gen_batch=a.gen_batch, val_windows=a.val_windows, val_every=a.val_every,
+        checkpoint_minutes=a.checkpoint_minutes, drop_layers=a.drop_layers, calib=a.calib,
         calib_samples=a.calib_samples, seq_len=a.seq_len, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
         eval=a.eval, eval_tokens=a.eval_tokens, resume=a.resume, force=a.force, device=a.device,
         sharding=getattr(a, "sharding", "ddp"))

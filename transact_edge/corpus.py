@@ -47,7 +47,8 @@ def _read_text_file(path: Path) -> list[str]:
     return [text]
 
 
-def _read_dataset_dir(path: Path) -> list[str]:
+def open_dataset_dir(path: Path):
+    """A `datasets.save_to_disk` directory with a 'text' column (memory-mapped, not read whole)."""
     try:
         import datasets
     except ImportError:
@@ -60,7 +61,7 @@ def _read_dataset_dir(path: Path) -> list[str]:
         ds = ds["train"] if "train" in ds else next(iter(ds.values()))
     if "text" not in ds.column_names:
         raise UserError(f"{path}: dataset has no 'text' column (columns: {', '.join(ds.column_names)})")
-    return list(ds["text"])
+    return ds
 
 
 def read_texts(spec: str, split: str = "train") -> list[str]:
@@ -70,7 +71,7 @@ def read_texts(spec: str, split: str = "train") -> list[str]:
     path = Path(spec)
     if not path.exists():
         raise UserError(f"{spec}: no such calibration file or directory")
-    texts = _read_dataset_dir(path) if path.is_dir() else _read_text_file(path)
+    texts = list(open_dataset_dir(path)["text"]) if path.is_dir() else _read_text_file(path)
     texts = [t for t in texts if t and t.strip()]
     if not texts:
         raise UserError(f"{spec}: no text in calibration data")

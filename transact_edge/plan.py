@@ -169,11 +169,19 @@ class Lineage:
     heads: list[list[int]]
     channels: list[list[int]]
     shots: list[dict] = field(default_factory=list)
+    layers: list[int] | None = None   # kept decoder layers (None: all), after --drop-layers
 
     @classmethod
     def dense(cls, shapes: list[LayerShape]) -> "Lineage":
         return cls([list(range(s.n_kv_head)) for s in shapes], [list(range(s.n_head)) for s in shapes],
-                   [list(range(s.ffn_dim)) for s in shapes])
+                   [list(range(s.ffn_dim)) for s in shapes], layers=list(range(len(shapes))))
+
+    def drop_layers(self, dropped: list[int]) -> None:
+        """Forget the decoder layers `dropped` (numbered in the current model)."""
+        keep = [il for il in range(len(self.heads)) if il not in set(dropped)]
+        self.kv_heads, self.heads, self.channels = ([rows[il] for il in keep]
+                                                    for rows in (self.kv_heads, self.heads, self.channels))
+        self.layers = [self.layers[il] for il in keep]
 
     def apply(self, plans: list[LayerPlan]) -> None:
         for il, p in enumerate(plans):

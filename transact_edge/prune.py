@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from . import corpus, distributed, plan, recovery, salience
+from . import corpus, depth, distill, distributed, generate, plan, recovery, salience, traindata
 from .checkpoint import atomic_dir, check_output, save
 from .errors import UserError
 from .evaluate import perplexity
-from .loading import load, read_config, resolve
+from .loading import EMBEDDED, load, read_config, resolve
 from .shapes import head_dim, is_uniform, kv_bytes_per_token, count_params, layer_shapes
 from .surgery import cut
 
@@ -38,6 +38,17 @@ class PruneOptions:
     stream: bool = False             # layer by layer from the files, bounded memory (stream.py)
     shots: int = 1                   # iterative pruning steps; reference: 8
     train_tokens: int = 0            # recovery tokens over all shots; 0 = pruning only
+    schedule: str = "linear"         # how the tokens are spread over the shots (recovery.SCHEDULES)
+    recovery: str = "kd"             # kd: distil from the teacher (distill.py); lm: LM loss on the data
+    kd_temperature: float = 1.0
+    kd_alpha: float = 0.0            # weight of an added LM loss in kd mode
+    teacher: str | None = None       # default: the dense source model
+    train_data: str | None = None    # traindata.py spec; default: the calibration corpus
+    gen_tokens: int = 0              # tokens sampled from the teacher for the `generated` source
+    gen_len: int = 256               # tokens sampled per generated sequence
+    val_windows: int = 8             # held-apart validation windows of the first training source
+    val_every: int = 0               # steps between validation losses (0: 20 per shot)
+    drop_layers: int = 0             # depth pruning (ShortGPT block influence) before the first shot
     calib: str = corpus.DEFAULT      # 'wiki' (shipped) or a .txt/.jsonl/dataset directory
     calib_samples: int = 128         # calibration windows (reference: 128)
     seq_len: int = 2048              # tokens per window (reference: 4096)
@@ -50,11 +61,14 @@ class PruneOptions:
     force: bool = False
     device: str = "auto"
     sharding: str = "ddp"            # recovery under a launcher (distributed.py): ddp or fsdp
+    checkpoint_minutes: float = 5.0  # recovery state saved at least this often inside a shot
+    gen_batch: int = 0               # sequences sampled at once (0: automatic)
 
     def fingerprint(self) -> dict:
         """What must match for --resume to continue a run."""
         d = asdict(self)
-        for k in ("resume", "force", "device", "sharding", "eval", "eval_tokens", "out"):
+        for k in ("resume", "force", "device", "sharding", "eval", "eval_tokens", "out", "checkpoint_minutes",
+                  "gen_batch"):
             d.pop(k)
         return json.loads(json.dumps(d, default=str))
 
@@ -84,6 +98,16 @@ def _validate(opts: PruneOptions) -> None:
         raise UserError(f"unknown --metric {opts.metric!r} (choose from {', '.join(salience.METRICS)})")
     if opts.sharding not in distributed.SHARDING:
         raise UserError(f"unknown --sharding {opts.sharding!r} (choose from {', '.join(distributed.SHARDING)})")
+    if opts.schedule not in recovery.SCHEDULES:
+        raise UserError(f"unknown --schedule {opts.schedule!r} (choose from {', '.join(recovery.SCHEDULES)})")
+    distill.check(_loss_options(opts))
+    sources = traindata.parse(opts.train_data or opts.calib)
+    if any(s.name == traindata.GENERATED for s in sources):
+        generate.check(_gen_options(opts))
+    if opts.teacher is not None and not Path(opts.teacher).exists() and opts.teacher not in EMBEDDED:
+        raise UserError(f"--teacher {opts.teacher}: no such model directory or file")
+    if opts.val_windows < 0 or opts.val_every < 0 or opts.drop_layers < 0:
+        raise UserError("--val-windows, --val-every and --drop-layers must be >= 0")
 
 
 def _widest(shapes):
@@ -115,6 +139,44 @@ def check(opts: PruneOptions, processes: int = 1) -> None:
     config = read_config(opts.model)
     if config is not None:
         plan.target(_widest(layer_shapes(config)), opts.widths)
+        if opts.drop_layers:
+            depth.check(opts.drop_layers, config.num_hidden_layers)
+
+
+def _loss_options(opts: PruneOptions) -> distill.LossOptions:
+    return distill.LossOptions(opts.recovery, opts.kd_temperature, opts.kd_alpha)
+
+
+def _gen_options(opts: PruneOptions) -> generate.GenOptions:
+    return generate.GenOptions(opts.gen_tokens, seed=opts.seed, new_len=opts.gen_len, batch=opts.gen_batch)
+
+
+def _needs_teacher(opts: PruneOptions) -> bool:
+    sources = traindata.parse(opts.train_data or opts.calib)
+    return opts.train_tokens > 0 and (opts.recovery == "kd" or any(s.name == traindata.GENERATED for s in sources))
+
+
+def _recovery_setup(opts: PruneOptions, tok, calib_ids: torch.Tensor, device: torch.device,
+                    group: distributed.Group | None, report: dict):
+    """The teacher (frozen, once per process), the training mixture and the held-apart validation windows."""
+    teacher = None
+    if _needs_teacher(opts):
+        teacher = distill.Teacher(load(opts.teacher or opts.model).model, device)
+    streams = []
+    for src in traindata.parse(opts.train_data or opts.calib):
+        if src.name == traindata.GENERATED:
+            if group is not None and not group.main:
+                _wait(group)  # process 0 samples (or finds the cache); the others then read its file
+            path, stats = generate.ensure(teacher.model, calib_ids, tok.eos_token_id, _gen_options(opts))
+            if group is not None and group.main:
+                _wait(group)
+            report.setdefault("generated", stats | {"file": str(path)})
+            streams.append(traindata.TokenStream(src.name, opts.seq_len, tokens=path))
+        else:
+            streams.append(traindata.TokenStream(src.name, opts.seq_len, tok))
+    data = traindata.Mixture(streams, [s.weight for s in traindata.parse(opts.train_data or opts.calib)], opts.seed)
+    val = streams[0].hold_apart(opts.val_windows) if opts.val_windows else None
+    return teacher, data, val
 
 
 def prune(opts: PruneOptions) -> dict:
@@ -147,17 +209,20 @@ def _prune(opts: PruneOptions, group: distributed.Group | None) -> dict:
 
     partial = _partial_dir(opts.out)
     resumed = _last_shot(partial, opts) if opts.resume and partial.is_dir() else None
-    if resumed:
-        start, state = resumed
-        log.info("resuming after shot %d of %d from %s", start, opts.shots, partial)
+    live = _live(partial, opts) if opts.resume else None
+    if live and resumed and live[0] < resumed[0]:  # stopped between a shot's checkpoint and clearing its live state
+        live = None
+    if resumed or live:
+        start, state = live if live else resumed
+        log.info("resuming %s shot %d of %d from %s", "inside" if live else "after", start, opts.shots, partial)
         del model
-        model = load(str(partial / f"shot-{start}")).model.to(device)
+        model = load(str(partial / (LIVE if live else f"shot-{start}"))).model.to(device)
         lineage = plan.Lineage(**state["lineage"])
         report = state["report"]
     else:
         if main:
             shutil.rmtree(partial, ignore_errors=True)
-        start = 0
+        start, state = 0, {}
         lineage = plan.Lineage.dense(dense_shapes)
         report = {
             "format": "transact-edge/1",
@@ -175,45 +240,38 @@ def _prune(opts: PruneOptions, group: distributed.Group | None) -> dict:
             t = time.perf_counter()
             report["perplexity_before"] = _eval(model, tok, opts).as_dict()
             seconds["eval_before"] = time.perf_counter() - t
-    budgets = recovery.tokens_per_shot(opts.train_tokens, opts.shots)
+    teacher = data = val = None
+    if opts.train_tokens > 0:
+        t = time.perf_counter()
+        teacher, data, val = _recovery_setup(opts, tok, train_ids, device, group, report)
+        if "data" in state:
+            data.restore(state["data"])
+        seconds["recovery_setup"] = time.perf_counter() - t
+    budgets = recovery.tokens_per_shot(opts.train_tokens, opts.shots, opts.schedule)
 
     for shot in range(start, opts.shots):
-        record: dict = {"shot": shot + 1}
-        shapes = layer_shapes(model.config)
-        uniform = plan.step(_widest(shapes), final, opts.shots - shot, opts.widths.round_to)
-
-        t = time.perf_counter()
-        scores = salience.METRICS[opts.metric](model, calib, shapes, opts.batch_size, opts.seed * 1000 + shot,
-                                               group=group)
-        record["salience_seconds"] = time.perf_counter() - t
-        record["salience_tokens_per_s"] = calib.numel() / record["salience_seconds"]
-
-        new_shapes = (plan.per_layer_widths(scores, shapes, uniform, opts.widths.round_to) if opts.per_layer
-                      else [uniform] * len(shapes))
-        plans = plan.select(scores, shapes, new_shapes)
-        t = time.perf_counter()
-        model = cut(model, plans, consume=True)
-        record["surgery_seconds"] = time.perf_counter() - t
-        lineage.apply(plans)
-        record["widths"] = [s.as_dict() for s in new_shapes]
-        record["salience"] = [{"metric": opts.metric, "heads": h.tolist(), "kv_groups": g.tolist(),
-                               "mlp_channels": salience.summary(c)}
-                              for h, g, c in zip(scores.heads, scores.groups, scores.channels)]
-        log.info("shot %d/%d: %s", shot + 1, opts.shots, _widths_line(new_shapes))
-
+        if live and shot == start:  # cut already, recovery under way
+            record = state["record"]
+        else:
+            record = {"shot": shot + 1}
+            if shot == 0 and opts.drop_layers:
+                model = _drop_layers(model, calib, opts, lineage, record)
+            model = _cut(model, calib, final, shot, opts, lineage, record, group)
         if budgets[shot] > 0:
             world = group.world if group is not None else 1
-            n = max(world, budgets[shot] // opts.seq_len // world * world)  # the same steps in every process
-            windows = corpus.windows(train_ids, opts.seq_len, n, seed=opts.seed * 1000 + shot)
+            steps = max(1, budgets[shot] // (opts.seq_len * opts.batch_size * world))
             model, record["recovery"] = recovery.train(
-                model, windows, opts.batch_size, opts.lr, seed=opts.seed + shot,
-                desc=f"shot {shot + 1}/{opts.shots} recovery", group=group, sharding=opts.sharding)
+                model, data, steps, _recovery_options(opts), teacher=teacher, val=val,
+                desc=f"shot {shot + 1}/{opts.shots} recovery ({opts.recovery})", group=group,
+                sharding=opts.sharding, resume=partial / LIVE if live and shot == start else None,
+                save=_live_saver(partial, model, tok, opts, lineage, report, record, shot + 1, group))
         report["shots"].append(record)
 
         t = time.perf_counter()
         if main:
             _checkpoint(partial, shot + 1, model, tok, {"options": opts.fingerprint(), "lineage": asdict(lineage),
-                                                        "report": report})
+                                                        "report": report} | ({"data": data.state()} if data else {}))
+            shutil.rmtree(partial / LIVE, ignore_errors=True)
         _wait(group)
         record["checkpoint_seconds"] = time.perf_counter() - t
 
@@ -234,6 +292,81 @@ def _prune(opts: PruneOptions, group: distributed.Group | None) -> dict:
         shutil.rmtree(partial, ignore_errors=True)
     _wait(group)
     return report
+
+
+def _recovery_options(opts: PruneOptions) -> recovery.RecoveryOptions:
+    return recovery.RecoveryOptions(_loss_options(opts), opts.batch_size, opts.lr, opts.val_every,
+                                    opts.checkpoint_minutes * 60)
+
+
+def _drop_layers(model, calib: torch.Tensor, opts: PruneOptions, lineage: plan.Lineage, record: dict):
+    """ShortGPT depth pruning: the layers of least block influence go before any width is cut."""
+    t = time.perf_counter()
+    influence = depth.block_influence(model, calib, opts.batch_size)
+    dropped = depth.choose(influence, opts.drop_layers)
+    record["depth"] = {"block_influence": influence.tolist(), "dropped": [lineage.layers[il] for il in dropped],
+                       "seconds": time.perf_counter() - t}
+    lineage.drop_layers(dropped)
+    log.info("dropped layers %s (least block influence)", record["depth"]["dropped"])
+    return depth.drop(model, dropped)
+
+
+def _cut(model, calib: torch.Tensor, final, shot: int, opts: PruneOptions, lineage: plan.Lineage, record: dict,
+         group: distributed.Group | None):
+    """Score the current model and cut it one shot closer to the final widths."""
+    shapes = layer_shapes(model.config)
+    uniform = plan.step(_widest(shapes), final, opts.shots - shot, opts.widths.round_to)
+    t = time.perf_counter()
+    scores = salience.METRICS[opts.metric](model, calib, shapes, opts.batch_size, opts.seed * 1000 + shot,
+                                           group=group)
+    record["salience_seconds"] = time.perf_counter() - t
+    record["salience_tokens_per_s"] = calib.numel() / record["salience_seconds"]
+    new_shapes = (plan.per_layer_widths(scores, shapes, uniform, opts.widths.round_to) if opts.per_layer
+                  else [uniform] * len(shapes))
+    plans = plan.select(scores, shapes, new_shapes)
+    t = time.perf_counter()
+    model = cut(model, plans, consume=True)
+    record["surgery_seconds"] = time.perf_counter() - t
+    lineage.apply(plans)
+    record["widths"] = [s.as_dict() for s in new_shapes]
+    record["salience"] = [{"metric": opts.metric, "heads": h.tolist(), "kv_groups": g.tolist(),
+                           "mlp_channels": salience.summary(c)}
+                          for h, g, c in zip(scores.heads, scores.groups, scores.channels)]
+    log.info("shot %d/%d: %s", shot + 1, opts.shots, _widths_line(new_shapes))
+    return model
+
+
+LIVE = "live"  # the training state inside a shot, in the partial directory
+
+
+def _live(partial: Path, opts: PruneOptions) -> tuple[int, dict] | None:
+    """(shot, state) of a recovery that was stopped inside a shot, if it belongs to this run."""
+    path = partial / LIVE / "state.json"
+    if not path.is_file():
+        return None
+    state = json.loads(path.read_text())
+    if state["options"] != opts.fingerprint():
+        raise UserError(f"{partial}: checkpoints of a run with other options; drop --resume to start over")
+    return state["shot"] - 1, state
+
+
+def _live_saver(partial: Path, model, tok, opts: PruneOptions, lineage: plan.Lineage, report: dict, record: dict,
+                shot: int, group: distributed.Group | None):
+    """The callback through which recovery hands over its state every --checkpoint-minutes."""
+    config = model.config
+
+    def save_live(write) -> None:
+        if group is None or group.main:
+            partial.mkdir(exist_ok=True)
+            with atomic_dir(partial / LIVE, force=True) as tmp:
+                write(tmp)
+                config.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
+                (tmp / "state.json").write_text(json.dumps({"shot": shot, "options": opts.fingerprint(),
+                                                            "lineage": asdict(lineage), "report": report,
+                                                            "record": record}))
+        _wait(group)
+    return save_live
 
 
 def _wait(group: distributed.Group | None) -> None:

@@ -2,84 +2,213 @@
 
 AdamW with betas (0.9, 0.95), linear warmup over the first 10% of steps, then cosine decay;
 bf16 autocast on GPUs, float32 on the CPU. The shot's token budget fixes the number of steps.
-Launched on several processes (distributed.py), each trains on its share of the windows through
-DDP or FSDP2. A batch that does not fit ends with the largest one that does (memory.py).
+The loss is distillation from the dense teacher by default, or the LM loss (distill.py). Windows
+come from a streamed mixture (traindata.py); a validation loss on a held-apart slice is tracked
+every `val_every` steps, so overfitting shows while it happens. Every `checkpoint_seconds` the
+whole training state (weights, AdamW moments, step, data position) is handed to a callback that
+writes it, so a long shot resumes exactly where it stopped. Launched on several processes
+(distributed.py), each trains on its share of every batch through DDP or FSDP2. A batch that does
+not fit ends with the largest one that does (memory.py).
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from . import memory
+from .distill import LossOptions, Teacher, kd_loss, lm_loss, recovery_loss
 from .distributed import Group, quiet, unwrap, wrap
+from .traindata import Mixture
 
 log = logging.getLogger(__name__)
 
-
-def tokens_per_shot(total: int, shots: int) -> list[int]:
-    """The total budget spread over the shots, rising linearly (shot i gets a share proportional to i)."""
-    weights = range(1, shots + 1)
-    return [total * w // sum(weights) for w in weights]
+SCHEDULES = ("linear", "final", "equal")
+FINAL_SHARE = 0.8  # --schedule final: the last shot's share of the tokens; the others split the rest
 
 
-def train(model, windows: torch.Tensor, batch_size: int, lr: float, seed: int, desc: str = "recovery",
-          group: Group | None = None, sharding: str = "ddp"):
-    """One pass over `windows` (N, T) in batches of `batch_size` (per process); returns the trained
-    model (a new object after FSDP) and the loss and throughput."""
-    if group is not None:  # every process must take the same number of steps
-        windows = group.share(windows[: windows.shape[0] - windows.shape[0] % group.world])
-    steps = math.ceil(windows.shape[0] / batch_size)
+def tokens_per_shot(total: int, shots: int, schedule: str = "linear") -> list[int]:
+    """The total budget spread over the shots.
+
+    linear: shot i gets a share proportional to i (the reference); equal: the same for every shot;
+    final: FINAL_SHARE after the last cut, the rest split evenly before it (Minitron found recovery
+    after the final cut is what counts).
+    """
+    if schedule == "equal" or shots == 1:
+        weights = [1.0] * shots
+    elif schedule == "final":
+        weights = [(1 - FINAL_SHARE) / (shots - 1)] * (shots - 1) + [FINAL_SHARE]
+    else:
+        weights = [float(i) for i in range(1, shots + 1)]
+    return [int(total * w / sum(weights)) for w in weights]
+
+
+@dataclass(frozen=True)
+class RecoveryOptions:
+    loss: LossOptions = field(default_factory=LossOptions)
+    batch_size: int = 4                # windows per step and process
+    lr: float = 1e-4
+    val_every: int = 0                 # steps between validation losses (0: 20 times per shot)
+    checkpoint_seconds: float = 300.0  # training state handed to `save` at least this often
+
+
+# The state saved inside a shot: weights (as save_pretrained names them) and AdamW moments in
+# safetensors, the rest as JSON.
+WEIGHTS, OPTIMIZER, STATE = "model.safetensors", "optimizer.safetensors", "training.json"
+
+
+def save_state(directory: Path, model_sd: dict, optim_sd: dict, state: dict) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous().clone() for k, v in model_sd.items()}, directory / WEIGHTS)
+    save_file({f"{name}/{k}": v.contiguous() for name, s in optim_sd["state"].items() for k, v in s.items()},
+              directory / OPTIMIZER)
+    (directory / STATE).write_text(json.dumps(state | {"param_groups": optim_sd["param_groups"]}))
+
+
+def load_state(directory: Path) -> tuple[dict, dict, dict]:
+    from safetensors.torch import load_file
+
+    model_sd = load_file(directory / WEIGHTS)
+    state = json.loads((directory / STATE).read_text())
+    optim: dict[str, dict] = {}
+    for key, v in load_file(directory / OPTIMIZER).items():
+        name, k = key.rsplit("/", 1)
+        optim.setdefault(name, {})[k] = v
+    return model_sd, {"state": optim, "param_groups": state.pop("param_groups")}, state
+
+
+def train(model, data: Mixture, steps: int, opts: RecoveryOptions, *, teacher: Teacher | None = None,
+          val: torch.Tensor | None = None, desc: str = "recovery", group: Group | None = None,
+          sharding: str = "ddp", resume: Path | None = None,
+          save: Callable[[Callable[[Path], None]], None] | None = None):
+    """`steps` optimizer steps on windows drawn from `data`, batch_size x processes at a time.
+
+    Returns the trained model (a new object after FSDP) and the record of the run. `resume`: a
+    directory written through `save`, whose weights, moments, step and data position continue.
+    `save(write)`: called every checkpoint_seconds (in every process, since gathering FSDP shards
+    is collective); `write(dir)` fills a directory and is only called by the saver.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
     if steps == 0:
         return model, {"steps": 0, "tokens": 0}
-    torch.manual_seed(seed)
+    world = group.world if group is not None else 1
     device = next(model.parameters()).device
+    if teacher is not None:
+        teacher.check_student(model)
     net = wrap(model, sharding, group) if group is not None else model
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=math.ceil(0.1 * steps), num_training_steps=steps)
+    optim = torch.optim.AdamW(net.parameters(), lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    sched = get_cosine_schedule_with_warmup(optim, num_warmup_steps=math.ceil(0.1 * steps), num_training_steps=steps)
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    record = {"steps": steps, "loss": opts.loss.kind, "losses": [], "validation": [], "seconds": 0.0}
+    done = 0
+    if resume is not None:
+        model_sd, optim_sd, state = load_state(resume)
+        set_state_dict(net, optim, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                       options=StateDictOptions(full_state_dict=True))
+        done, record = state["step"], state["record"]
+        data.restore(state["data"])
+        for _ in range(done):
+            sched.step()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    net.train()
-    losses: list[float] = []
+    val_every = opts.val_every or max(1, steps // 20)
 
-    def step(batch: torch.Tensor) -> float:
-        batch = batch.to(device)
+    def batch() -> torch.Tensor:
+        windows = data.take(opts.batch_size * world)  # (B x world, T): every process draws the same
+        return (group.share(windows) if group is not None else windows).to(device)
+
+    def step(ids: torch.Tensor) -> float:
         with autocast:
-            loss = net(input_ids=batch, labels=batch, use_cache=False).loss
+            loss = recovery_loss(net, ids, opts.loss, teacher)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optim.step()
+        optim.zero_grad(set_to_none=True)
         return loss.item()
 
+    @torch.no_grad()
+    def validate() -> dict:
+        """Mean LM loss (and KD loss) of the student on the held-apart windows."""
+        net.eval()
+        lm = kd = 0.0
+        for ids in val.split(opts.batch_size):
+            ids = ids.to(device)
+            with autocast:
+                logits = net(input_ids=ids, use_cache=False).logits
+                lm += lm_loss(logits, ids).item() * ids.shape[0]
+                if teacher is not None:
+                    kd += kd_loss(logits, teacher.logits(ids), opts.loss.temperature).item() * ids.shape[0]
+        net.train()
+        out = {"lm": lm / val.shape[0], "ppl": math.exp(lm / val.shape[0])}
+        return out | ({"kd": kd / val.shape[0]} if teacher is not None else {})
+
+    def checkpoint() -> None:
+        model_sd, optim_sd = get_state_dict(net, optim, options=full)
+        state = {"step": done, "record": record, "data": data.state()}
+        save(lambda d: save_state(d, model_sd, optim_sd, state))
+
+    def due(last: float) -> bool:
+        """Time for a checkpoint, as process 0's clock says (every process must agree)."""
+        flag = torch.tensor([time.monotonic() - last >= opts.checkpoint_seconds], device=device)
+        if group is not None:
+            torch.distributed.broadcast(flag, src=0)
+        return bool(flag.item())
+
     def run() -> None:
-        bar = tqdm(windows.split(batch_size), desc=desc, unit="step", leave=False, disable=quiet(group))
-        for batch in bar:
-            losses.append(step(batch))
+        nonlocal done
+        bar = tqdm(total=steps, initial=done, desc=desc, unit="step", leave=False, disable=quiet(group))
+        last, start = time.monotonic(), time.perf_counter()
+        while done < steps:
+            record["losses"].append(step(batch()))
             sched.step()
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+            done += 1
+            if val is not None and (done % val_every == 0 or done == steps):
+                record["validation"].append({"step": done} | validate())
+            post = {"loss": f"{record['losses'][-1]:.3f}", "lr": f"{sched.get_last_lr()[0]:.2e}"}
+            if record["validation"]:
+                post["val"] = f"{record['validation'][-1]['lm']:.3f}"
+            bar.set_postfix(post)
+            bar.update()
+            if save is not None and done < steps and due(last):
+                record["seconds"] += time.perf_counter() - start
+                checkpoint()
+                last, start = time.monotonic(), time.perf_counter()
+        record["seconds"] += time.perf_counter() - start
+        bar.close()
 
     def probe(b: int) -> None:
         """Two whole steps at batch b: the second runs with AdamW's moments allocated, as training does.
         Only called on the way to an error, so the weights these steps change are never saved."""
+        ids = data.take(b).to(device)
         try:
-            step(windows[:b])
-            step(windows[:b])
+            step(ids)
+            step(ids)
         finally:
-            opt.zero_grad(set_to_none=True)
+            optim.zero_grad(set_to_none=True)
 
-    start = time.perf_counter()
-    memory.guarded(run, probe, "recovery training", batch_size, windows.shape[1], device)
+    net.train()
+    memory.guarded(run, probe, "recovery training", opts.batch_size, data.streams[0].seq_len, device)
     net.eval()
     model = unwrap(net, sharding) if group is not None else net
-    seconds = time.perf_counter() - start
-    world = group.world if group is not None else 1
-    tokens = windows.numel() * world
-    log.info("recovery: %d steps, %d tokens, loss %.3f -> %.3f, %.0f tok/s",
-             steps, tokens, losses[0], losses[-1], tokens / seconds)
-    return model, {"steps": steps, "tokens": tokens, "loss_first": losses[0], "loss_last": losses[-1],
-                   "seconds": seconds, "tokens_per_s": tokens / seconds, "processes": world,
-                   "sharding": sharding if group is not None else None}
+    tokens = steps * opts.batch_size * world * data.streams[0].seq_len
+    losses = record.pop("losses")
+    record |= {"tokens": tokens, "loss_first": losses[0], "loss_last": losses[-1],
+               "loss_curve": losses[:: max(1, len(losses) // 50)],
+               "tokens_per_s": tokens / record["seconds"] if record["seconds"] else None,
+               "processes": world, "sharding": sharding if group is not None else None,
+               "data": data.report()}
+    if teacher is not None:
+        record["teacher"] = {"params": teacher.params, "bytes_per_process": teacher.bytes, "placement":
+                             "a frozen replica in every process" if group is not None else "one frozen copy"}
+    log.info("recovery (%s): %d steps, %d tokens, loss %.3f -> %.3f", opts.loss.kind, steps, tokens,
+             losses[0], losses[-1])
+    return model, record

@@ -1,0 +1,86 @@
+"""Knowledge distillation from the dense model: the recovery loss that heals a pruned student.
+
+Minitron (Muralidharan et al., arXiv 2407.14679; Sreenivas et al., arXiv 2408.11796) found that the
+forward KL divergence between the teacher's and the student's next-token distributions at
+temperature 1, alone, recovers a pruned model best; NVIDIA ModelOpt's `LogitsDistillationLoss`
+computes the same quantity. Measured here (SmolLM2-135M at 50% widths, 16M tokens of the shipped
+pages): LM loss memorises the 731K training tokens (held-out perplexity 600), KD reaches 57.5.
+
+    loss = T^2 * mean over tokens of KL(softmax(t / T) || softmax(s / T)) + alpha * LM loss
+
+The teacher is frozen and loaded once per process: bf16 on GPUs, float32 on the CPU. Under a
+launcher each process holds a whole replica of it (forward only, no gradients or optimizer state:
+2 bytes per teacher parameter per GPU), also with FSDP, where only the student is sharded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+
+LOSSES = ("kd", "lm")
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    kind: str = "kd"            # kd: distil from the teacher; lm: next-token cross-entropy on the data
+    temperature: float = 1.0    # softens both distributions; the loss is scaled by T^2 (Hinton)
+    alpha: float = 0.0          # weight of an added LM loss in kd mode (Minitron: 0 is best)
+
+
+def check(opts: LossOptions) -> None:
+    if opts.kind not in LOSSES:
+        raise UserError(f"unknown --recovery {opts.kind!r} (choose from {', '.join(LOSSES)})")
+    if not opts.temperature > 0:
+        raise UserError(f"--kd-temperature must be positive, got {opts.temperature}")
+    if opts.alpha < 0:
+        raise UserError(f"--kd-alpha must be >= 0, got {opts.alpha}")
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Forward KL(teacher || student) per token at `temperature`, times T^2. Logits (..., V)."""
+    s = F.log_softmax(student.float() / temperature, dim=-1).flatten(0, -2)  # (N, V)
+    t = F.log_softmax(teacher.float() / temperature, dim=-1).flatten(0, -2)  # (N, V)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of (B, T, V) logits on (B, T) ids."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+class Teacher:
+    """A frozen model that gives logits for distillation."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        model.requires_grad_(False).eval()
+        if device.type == "cuda":
+            model.to(torch.bfloat16)  # weights cast once, not per step under autocast
+        self.model = model.to(device)
+        self.vocab = model.get_output_embeddings().weight.shape[0]
+        self.params = sum(p.numel() for p in model.parameters())
+        self.bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, use_cache=False).logits  # (B, T, V)
+
+    def check_student(self, student: torch.nn.Module) -> None:
+        vocab = student.get_output_embeddings().weight.shape[0]
+        if vocab != self.vocab:
+            raise UserError(f"--teacher has a vocabulary of {self.vocab} tokens, the student {vocab}: "
+                            "distillation needs the same tokenizer")
+
+
+def recovery_loss(net, ids: torch.Tensor, opts: LossOptions, teacher: Teacher | None) -> torch.Tensor:
+    """The training loss of one batch (B, T) for the student `net` (plain, DDP or FSDP)."""
+    logits = net(input_ids=ids, use_cache=False).logits  # (B, T, V)
+    if opts.kind == "lm":
+        return lm_loss(logits, ids)
+    loss = kd_loss(logits, teacher.logits(ids), opts.temperature)
+    if opts.alpha:
+        loss = loss + opts.alpha * lm_loss(logits, ids)
+    return loss

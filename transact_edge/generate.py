@@ -1,0 +1,143 @@
+"""Recovery text sampled from the teacher (`--train-data generated --gen-tokens N`).
+
+When the shipped text is too small to recover on, the dense model writes more (LLM-QAT, arXiv
+2305.17888, distils on the teacher's own samples). Each sequence starts with `prompt_len` tokens
+drawn from the calibration text and continues with `new_len` tokens sampled at temperature 1
+(full distribution, no top-k/top-p; EOS is sampled like any token and the text goes on after it).
+Sampling is Gumbel-max with a seeded generator, so the same seed gives the same tokens on the same
+device. Decoding runs many sequences at once over a static KV cache (transformers' StaticCache);
+on a GPU the one-token step can be captured as CUDA graphs through torch.compile.
+
+The tokens (each sequence: prompt + samples + EOS) are cached in a directory under
+$TRANSACT_EDGE_CACHE/generated (tokens.npy and generated.json, how they were made), keyed by the
+teacher's weights, the prompts, the seed and the lengths, written atomically and reused by later runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_dir
+from .errors import UserError
+from .loading import CACHE
+
+log = logging.getLogger(__name__)
+TOKENS, META = "tokens.npy", "generated.json"
+
+
+@dataclass(frozen=True)
+class GenOptions:
+    tokens: int                 # sampled tokens wanted (prompt tokens not counted)
+    seed: int = 0
+    prompt_len: int = 16        # calibration tokens that start each sequence
+    new_len: int = 256          # tokens sampled per sequence
+    batch: int = 0              # sequences decoded at once (0: 1024 on a GPU, 16 on the CPU)
+    temperature: float = 1.0
+    compile: bool = False       # torch.compile the decoding step (CUDA graphs on a GPU)
+
+
+def check(opts: GenOptions) -> None:
+    if opts.tokens < 1:
+        raise UserError(f"--train-data generated needs --gen-tokens N > 0, got {opts.tokens}")
+    if opts.prompt_len < 1 or opts.new_len < 1:
+        raise UserError("--gen-prompt-len and --gen-len must be at least 1")
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """A hash of the weights that is cheap for any size: every tensor's name, shape and a strided sample."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy()
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(sample.tobytes())
+    return h.hexdigest()[:16]
+
+
+def prompts(ids: torch.Tensor, n: int, length: int, seed: int) -> torch.Tensor:
+    """(n, length) windows of the calibration stream at seeded random offsets."""
+    if ids.numel() <= length:
+        raise UserError(f"calibration text has {ids.numel()} tokens, too few for prompts of {length}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - length, (n,), generator=g)
+    return ids[starts[:, None] + torch.arange(length)]
+
+
+def _gumbel_argmax(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> torch.Tensor:
+    """One sample per row from softmax(logits / T): argmax of logits / T + Gumbel noise."""
+    u = torch.rand(logits.shape, device=logits.device, generator=gen).clamp_(min=1e-20)
+    return (logits.float() / temperature - torch.log(-torch.log(u))).argmax(dim=-1)
+
+
+@torch.inference_mode()
+def sample(model, prompt: torch.Tensor, new_len: int, gen: torch.Generator, temperature: float = 1.0,
+           step=None) -> torch.Tensor:
+    """(B, new_len) tokens sampled after `prompt` (B, P), through a static KV cache."""
+    from transformers import StaticCache
+
+    b, p = prompt.shape
+    device = prompt.device
+    cache = StaticCache(config=model.config, max_cache_len=p + new_len)
+    step = step or model.forward
+    logits = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(p, device=device),
+                   use_cache=True).logits[:, -1]  # (B, V)
+    out = torch.empty(b, new_len, dtype=torch.long, device=device)
+    for i in range(new_len):
+        out[:, i] = _gumbel_argmax(logits, temperature, gen)
+        if i + 1 < new_len:
+            pos = torch.tensor([p + i], device=device)
+            logits = step(input_ids=out[:, i:i + 1], past_key_values=cache, cache_position=pos,
+                          use_cache=True).logits[:, -1]
+    return out
+
+
+def generate(model, calib_ids: torch.Tensor, eos: int, opts: GenOptions) -> tuple[np.ndarray, dict]:
+    """The token stream (prompt + samples + EOS per sequence) and how fast the samples came."""
+    device = next(model.parameters()).device
+    batch = opts.batch or (1024 if device.type == "cuda" else 16)
+    n_seq = math.ceil(opts.tokens / opts.new_len)
+    starts = prompts(calib_ids, n_seq, opts.prompt_len, opts.seed)
+    gen = torch.Generator(device=device).manual_seed(opts.seed)
+    step = torch.compile(model.forward, mode="reduce-overhead", dynamic=False) if opts.compile else None
+    rows, sampled, t0 = [], 0, time.perf_counter()
+    for chunk in tqdm(starts.split(batch), desc="generating", unit="batch", leave=False):
+        new = sample(model, chunk.to(device), opts.new_len, gen, opts.temperature, step)
+        eos_col = torch.full((chunk.shape[0], 1), eos, dtype=torch.long)
+        rows.append(torch.cat([chunk, new.cpu(), eos_col], dim=1))
+        sampled += new.numel()
+    seconds = time.perf_counter() - t0
+    dtype = np.uint16 if model.config.vocab_size <= 1 << 16 else np.int32
+    tokens = torch.cat(rows).reshape(-1).numpy().astype(dtype)
+    stats = {"sampled_tokens": sampled, "sequences": n_seq, "seconds": seconds, "new_tokens_per_s": sampled / seconds,
+             "batch": batch, "device": str(device)}
+    log.info("generated %d tokens in %.1f s: %.0f new tok/s", sampled, seconds, sampled / seconds)
+    return tokens, stats
+
+
+def cache_dir(teacher_id: str, calib_ids: torch.Tensor, opts: GenOptions) -> Path:
+    key = {"teacher": teacher_id, "calib": hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest()[:16],
+           **{k: v for k, v in asdict(opts).items() if k not in ("batch", "compile")}}
+    return CACHE / "generated" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def ensure(model, calib_ids: torch.Tensor, eos: int, opts: GenOptions) -> tuple[Path, dict]:
+    """The cached token file for these options, generated first if it is not there."""
+    entry = cache_dir(fingerprint(model), calib_ids, opts)
+    if (entry / META).is_file():
+        return entry / TOKENS, json.loads((entry / META).read_text()) | {"cached": True}
+    tokens, stats = generate(model, calib_ids, eos, opts)
+    stats |= {"options": asdict(opts), "tokens_in_file": int(tokens.size)}
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(entry, force=True) as tmp:
+        np.save(tmp / TOKENS, tokens)
+        (tmp / META).write_text(json.dumps(stats))
+    return entry / TOKENS, stats | {"cached": False}

@@ -1,0 +1,234 @@
+"""Recovery-training data that scales: streamed sources, weighted mixtures, a held-apart validation slice.
+
+`--train-data SPEC` names one source or a mixture, `wiki@1,generated@3` (weights are relative
+shares of windows). A source is what `--calib` accepts — `wiki` (the shipped pages), a `.txt` file,
+a `.jsonl` file with a "text" field, a `datasets.save_to_disk` directory — or `generated`: text
+sampled from the teacher (generate.py), stored as a token file. Files are read as they are needed,
+a batch of documents at a time from a byte offset (or row index), so a multi-GB `.jsonl` is never
+held whole; when a source runs out it starts again (an epoch), and the epochs each source was read
+are counted as it streams. Each stream's state (position, epoch, leftover tokens) is small JSON, so
+a run resumes exactly where it stopped, across shots and inside one.
+
+The validation slice is the first windows of the first source: they are read before training starts
+and skipped on every later epoch, so they are held apart from the training data (and, being from
+the training split, from the evaluation pages).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from . import corpus
+from .errors import UserError
+
+GENERATED = "generated"
+DOC_BATCH = 64              # documents tokenized at once
+TXT_CHUNK = 1 << 20         # a .txt file is read in chunks of about 1 MiB, cut at a line end
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str        # 'wiki', 'generated' or a path
+    weight: float
+
+
+def parse(spec: str) -> list[Source]:
+    """`a@w,b@w` -> sources with weights (1 when omitted); every failure is one line."""
+    sources = []
+    for part in spec.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(.+?)@([0-9.eE+-]+)", part)
+        name, weight = (m.group(1), m.group(2)) if m else (part, "1")
+        try:
+            w = float(weight)
+        except ValueError:
+            raise UserError(f"--train-data {spec!r}: weight {weight!r} of {name!r} is not a number") from None
+        if not name:
+            raise UserError(f"--train-data {spec!r}: empty source name (expected e.g. wiki@1,generated@3)")
+        if not w > 0:
+            raise UserError(f"--train-data {spec!r}: weight of {name!r} must be positive, got {weight}")
+        if name not in (corpus.DEFAULT, GENERATED) and not Path(name).exists():
+            raise UserError(f"--train-data: {name}: no such file or directory (sources: wiki, generated, "
+                            ".txt, .jsonl or a saved dataset directory)")
+        if name in [s.name for s in sources]:
+            raise UserError(f"--train-data {spec!r}: {name!r} is named twice")
+        sources.append(Source(name, w))
+    return sources
+
+
+class Documents(Protocol):
+    """Documents from a position; an empty list at the end of the source."""
+    def read(self, pos: int, n: int) -> tuple[list[str], int]: ...
+
+
+class ShippedDocs:
+    def __init__(self):
+        self.texts = corpus.default_texts("train")
+
+    def read(self, pos: int, n: int) -> tuple[list[str], int]:
+        return self.texts[pos:pos + n], min(pos + n, len(self.texts))
+
+
+class JsonlDocs:
+    """One JSON object per line; the position is a byte offset."""
+    def __init__(self, path: Path):
+        self.path = path
+
+    def read(self, pos: int, n: int) -> tuple[list[str], int]:
+        texts = []
+        with self.path.open("rb") as f:
+            f.seek(pos)
+            while len(texts) < n:
+                line = f.readline()
+                if not line:
+                    break
+                pos += len(line)
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (ValueError, KeyError, TypeError):
+                    raise UserError(f"{self.path}: line at byte {pos - len(line)} is not a JSON object with a "
+                                    "\"text\" field") from None
+                if isinstance(text, str) and text.strip():
+                    texts.append(text)
+        return texts, pos
+
+
+class TextDocs:
+    """Plain UTF-8 text in chunks of about TXT_CHUNK bytes cut at line ends; the position is a byte offset."""
+    def __init__(self, path: Path):
+        self.path = path
+
+    def read(self, pos: int, n: int) -> tuple[list[str], int]:
+        texts = []
+        with self.path.open("rb") as f:
+            f.seek(pos)
+            while len(texts) < n:
+                chunk = f.read(TXT_CHUNK)
+                if not chunk:
+                    break
+                chunk += f.readline()  # finish the line
+                pos += len(chunk)
+                if b"\x00" in chunk:
+                    raise UserError(f"{self.path}: looks binary; expected UTF-8 text")
+                texts.append(chunk.decode("utf-8", errors="replace"))
+        return texts, pos
+
+
+class DatasetDocs:
+    """A `datasets.save_to_disk` directory (memory-mapped Arrow); the position is a row index."""
+    def __init__(self, path: Path):
+        self.ds = corpus.open_dataset_dir(path)
+
+    def read(self, pos: int, n: int) -> tuple[list[str], int]:
+        end = min(pos + n, len(self.ds))
+        return [t for t in self.ds[pos:end]["text"] if t and t.strip()], end
+
+
+def documents(name: str) -> Documents:
+    if name == corpus.DEFAULT:
+        return ShippedDocs()
+    path = Path(name)
+    if path.is_dir():
+        return DatasetDocs(path)
+    return JsonlDocs(path) if path.suffix == ".jsonl" else TextDocs(path)
+
+
+class TokenStream:
+    """Windows of `seq_len` tokens from one source, endlessly (epoch after epoch)."""
+
+    def __init__(self, name: str, seq_len: int, tokenizer=None, tokens: Path | None = None):
+        self.name, self.seq_len = name, seq_len
+        self.tokenizer = tokenizer
+        self.docs = None if tokens is not None else documents(name)
+        self.tokens = np.load(tokens, mmap_mode="r") if tokens is not None else None
+        self.eos = [] if tokenizer is None or tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+        self.state = {"pos": 0, "start": 0, "epoch": 0, "tokens": 0, "source_tokens": None, "carry": []}
+
+    def _fill(self, need: int) -> list[int]:
+        """At least `need` tokens from the current position on (wrapping to `start` at the end)."""
+        st = self.state
+        buf, wrapped_empty = list(st["carry"]), False
+        while len(buf) < need:
+            if self.tokens is not None:
+                chunk = self.tokens[st["pos"]:st["pos"] + need - len(buf)]
+                ids, st["pos"] = chunk.astype(np.int64).tolist(), st["pos"] + len(chunk)
+            else:
+                texts, st["pos"] = self.docs.read(st["pos"], DOC_BATCH)
+                enc = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+                ids = [t for doc in enc for t in doc + self.eos]
+            if ids:
+                buf += ids
+                wrapped_empty = False
+                continue
+            if wrapped_empty:
+                raise UserError(f"--train-data {self.name}: fewer than {need} tokens after the validation slice")
+            if st["source_tokens"] is None:
+                st["source_tokens"] = st["tokens"] + len(buf)  # read this epoch: consumed + buffered
+            st["epoch"], st["pos"], wrapped_empty = st["epoch"] + 1, st["start"], True
+        return buf
+
+    def take(self, n: int) -> torch.Tensor:
+        """The next n windows (n, seq_len)."""
+        st = self.state
+        need = n * self.seq_len
+        buf = self._fill(need)
+        st["tokens"] += need
+        st["carry"] = buf[need:]
+        return torch.tensor(buf[:need], dtype=torch.long).view(n, self.seq_len)
+
+    def hold_apart(self, n: int) -> torch.Tensor:
+        """The first n windows, never trained on: later epochs start after them."""
+        windows = self.take(n)
+        self.state |= {"start": self.state["pos"], "carry": [], "tokens": 0}
+        return windows
+
+    def report(self) -> dict:
+        st = self.state
+        epochs = st["tokens"] / st["source_tokens"] if st["source_tokens"] else None
+        return {"source": self.name, "tokens_read": st["tokens"], "epochs": epochs, "wraps": st["epoch"],
+                "source_tokens": st["source_tokens"]}
+
+
+class Mixture:
+    """Windows from weighted sources, interleaved by a seeded golden-ratio sequence: every stretch of
+    windows holds each source's share (to within one window), and window i's source is a pure
+    function of i, so resuming needs no generator state."""
+
+    def __init__(self, streams: list[TokenStream], weights: list[float], seed: int):
+        self.streams, self.seed = streams, seed
+        self.p = np.asarray(weights, dtype=np.float64) / sum(weights)
+        self.drawn = 0
+
+    def _sources(self, start: int, n: int) -> np.ndarray:
+        idx = np.arange(start, start + n, dtype=np.uint64)
+        u = (np.random.Generator(np.random.PCG64(self.seed)).random() + idx * 0.6180339887498949) % 1.0
+        return np.searchsorted(np.cumsum(self.p), u, side="right").clip(max=len(self.p) - 1)
+
+    def take(self, n: int) -> torch.Tensor:
+        src = self._sources(self.drawn, n)
+        self.drawn += n
+        out = torch.empty(n, self.streams[0].seq_len, dtype=torch.long)
+        for i, stream in enumerate(self.streams):
+            rows = np.flatnonzero(src == i)
+            if rows.size:
+                out[torch.from_numpy(rows)] = stream.take(rows.size)
+        return out
+
+    def state(self) -> dict:
+        return {"drawn": self.drawn, "streams": [dict(s.state) for s in self.streams]}
+
+    def restore(self, state: dict) -> None:
+        self.drawn = state["drawn"]
+        for s, st in zip(self.streams, state["streams"]):
+            s.state = dict(st)
+
+    def report(self) -> list[dict]:
+        return [s.report() | {"weight": float(p)} for s, p in zip(self.streams, self.p)]
