@@ -33,7 +33,9 @@ from _common import machine  # noqa: E402
 
 from transact_edge import distributed  # noqa: E402
 from transact_edge.calibration import collect  # noqa: E402
-from transact_edge.recovery import train  # noqa: E402
+from transact_edge.distill import LossOptions  # noqa: E402
+from transact_edge.recovery import RecoveryOptions, train  # noqa: E402
+from transact_edge.traindata import from_windows  # noqa: E402
 
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
@@ -88,10 +90,12 @@ def measure(a) -> dict | None:
 
     sharding = a.sharding if group else None
     warm = ids[: 2 * a.batch * world]
-    model, _ = train(model, warm, a.batch, lr=1e-5, seed=0, group=group, sharding=sharding or "ddp")  # warm-up
+    opts = RecoveryOptions(LossOptions("lm"), a.batch, lr=1e-5)
+    model, _ = train(model, from_windows(warm), 2, opts, group=group, sharding=sharding or "ddp")  # warm-up
     torch.cuda.synchronize()
     t = time.perf_counter()
-    model, rec = train(model, ids, a.batch, lr=1e-5, seed=0, group=group, sharding=sharding or "ddp")
+    model, rec = train(model, from_windows(ids), ids.shape[0] // (a.batch * world), opts, group=group,
+                       sharding=sharding or "ddp")
     torch.cuda.synchronize()
     train_tps = ids.numel() / (time.perf_counter() - t)
     memory = torch.cuda.max_memory_allocated() / 2**30

@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a checkpoint to GGUF for llama.cpp")
     p.add_argument("path", help="checkpoint directory (pruned or not) or embedded name")
     p.add_argument("--format", default="gguf", help="gguf or onnx")
-    p.add_argument("--outtype", help="GGUF: f32, f16 (default), bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k")
+    p.add_argument("--outtype", help="GGUF: f32, f16 (default), bf16, q8_0, q5_1, q5_0, q4_1, q4_0, q4_k_m, q5_k_m, q6_k")
     p.add_argument("--dtype", default="fp32", help="ONNX: fp32 or fp16")
     p.add_argument("--quantize", help="ONNX: int8 (dynamic quantization by onnxruntime)")
     p.add_argument("--outfile", type=Path, help="default: {checkpoint}-{outtype}.gguf / {checkpoint}-{dtype}.onnx")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-TOOLS = ("llama-bench", "llama-completion", "llama-perplexity")
+TOOLS = ("llama-bench", "llama-completion", "llama-perplexity", "llama-quantize")
 # These VMs advertise AMX but fault on its instructions (SIGILL in ggml's tileloadd); the README
 # builds llama-cpp-python with the same flags, so native tools and the Python runtime match.
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
@@ -52,6 +52,10 @@ TARGETS: dict[str, Target] = {
     "native": Target(cmake=("-DGGML_NATIVE=ON",), cc="cc",
                      cflags=NO_AMX if platform.machine() == "x86_64" else "", membw_flags="-march=native",
                      machine=platform.machine()),
+    # x86-64 without -march=native, statically linked: runs on another x86-64 host (e.g. a GPU machine
+    # that scores the frontier's GGUFs where they were made)
+    "x86-64-portable": Target(cmake=("-DGGML_NATIVE=OFF", "-DCMAKE_EXE_LINKER_FLAGS=-static"), cc="cc",
+                              cflags=NO_AMX, machine="x86_64"),
     "aarch64-linux-gnu": Target(
         cmake=("-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64",
                "-DCMAKE_C_COMPILER=aarch64-linux-gnu-gcc", "-DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++",

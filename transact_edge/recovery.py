@@ -196,10 +196,10 @@ def train(model, data: Mixture, steps: int, opts: RecoveryOptions, *, teacher: T
             optim.zero_grad(set_to_none=True)
 
     net.train()
-    memory.guarded(run, probe, "recovery training", opts.batch_size, data.streams[0].seq_len, device)
+    memory.guarded(run, probe, "recovery training", opts.batch_size, data.seq_len, device)
     net.eval()
     model = unwrap(net, sharding) if group is not None else net
-    tokens = steps * opts.batch_size * world * data.streams[0].seq_len
+    tokens = steps * opts.batch_size * world * data.seq_len
     losses = record.pop("losses")
     record |= {"tokens": tokens, "loss_first": losses[0], "loss_last": losses[-1],
                "loss_curve": losses[:: max(1, len(losses) // 50)],

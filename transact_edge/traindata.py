@@ -144,11 +144,13 @@ def documents(name: str) -> Documents:
 class TokenStream:
     """Windows of `seq_len` tokens from one source, endlessly (epoch after epoch)."""
 
-    def __init__(self, name: str, seq_len: int, tokenizer=None, tokens: Path | None = None):
+    def __init__(self, name: str, seq_len: int, tokenizer=None, tokens: Path | np.ndarray | None = None):
+        """Text sources are tokenized with `tokenizer` as they stream; `tokens` (a .npy file, memory-mapped,
+        or an array) are read as they are."""
         self.name, self.seq_len = name, seq_len
         self.tokenizer = tokenizer
         self.docs = None if tokens is not None else documents(name)
-        self.tokens = np.load(tokens, mmap_mode="r") if tokens is not None else None
+        self.tokens = np.load(tokens, mmap_mode="r") if isinstance(tokens, Path) else tokens
         self.eos = [] if tokenizer is None or tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
         self.state = {"pos": 0, "start": 0, "epoch": 0, "tokens": 0, "source_tokens": None, "carry": []}
 
@@ -206,6 +208,7 @@ class Mixture:
         self.streams, self.seed = streams, seed
         self.p = np.asarray(weights, dtype=np.float64) / sum(weights)
         self.drawn = 0
+        self.seq_len = streams[0].seq_len
 
     def _sources(self, start: int, n: int) -> np.ndarray:
         idx = np.arange(start, start + n, dtype=np.uint64)
@@ -232,3 +235,8 @@ class Mixture:
 
     def report(self) -> list[dict]:
         return [s.report() | {"weight": float(p)} for s, p in zip(self.streams, self.p)]
+
+
+def from_windows(windows: torch.Tensor, name: str = "windows") -> Mixture:
+    """A mixture of one in-memory source: the rows of `windows` (N, T) in order, then again."""
+    return Mixture([TokenStream(name, windows.shape[1], tokens=windows.reshape(-1).numpy())], [1.0], seed=0)

@@ -1,0 +1,271 @@
+"""The frontier (issue 12): GGUF bytes vs perplexity scored by llama.cpp, for pruned points and the
+baselines a user would reach for instead (the dense model at every type, depth pruning).
+
+    python benchmarks/frontier.py point tx50-kd [--second-text lee_background.cor]   # one point, end to end
+    python benchmarks/frontier.py throughput        # teacher sampling new tok/s; KD vs LM step tok/s (GPU)
+    python benchmarks/frontier.py report            # markdown table + plot with the Pareto front
+
+A point prunes SmolLM2-135M (prune(): 128 x 1024 calibration tokens, batch 32 x 1024, AdamW, bf16
+on a GPU), exports F16 GGUF with our exporter, makes every other type with llama.cpp's own
+llama-quantize from it, and scores each file with llama.cpp's llama-perplexity (-c 512, the first
+--chunks chunks; llama-perplexity scores the second half of each chunk) on the shipped held-out
+Wikipedia pages and on a second text of another domain that recovery never sees (the Lee news
+corpus, `lee_background.cor` in the gensim wheel), plus decode speed (llama-bench -n 64) on the
+host's CPU. Points `dense` and `depthNN-llama` are the baselines: the dense model, and layers
+removed by `llama-quantize --prune-layers` (no recovery; the layers ShortGPT's block influence
+picks). Each row (point x type) is appended to benchmarks/results/frontier.jsonl as it is
+measured; a point already there is skipped, so the study resumes point by point on short GPU slots.
+K-quants are left out: they need rows divisible by 256 and SmolLM2's rows are 576 wide.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TYPES = {"f16": "F16", "q8_0": "Q8_0", "q5_1": "Q5_1", "q5_0": "Q5_0", "q4_1": "Q4_1", "q4_0": "Q4_0"}
+CALIB = dict(calib_samples=128, seq_len=1024, batch_size=32)
+# ~75 / 60 / 50% of the non-embedding parameters (SmolLM2: 9 heads / 3 KV heads / MLP 1536 per layer)
+WIDTHS = {"tx75": dict(heads=9, kv_heads=3, mlp=1024), "tx60": dict(heads=6, kv_heads=2, mlp=896),
+          "tx50": dict(heads=6, kv_heads=2, mlp=672)}
+POINTS: dict[str, dict] = {"dense": {}}
+for w in WIDTHS:
+    POINTS[f"{w}-none"] = dict(widths=w, train_tokens=0)
+    for loss, lr in (("kd", 3e-4), ("lm", 3e-4)):
+        POINTS[f"{w}-{loss}"] = dict(widths=w, recovery=loss, lr=lr, train_tokens=16_000_000)
+    POINTS[f"{w}-kd-50M"] = dict(widths=w, recovery="kd", lr=3e-4, train_tokens=50_000_000)
+for n in (8, 15):  # ~75% and ~50% of the layers' parameters
+    POINTS[f"depth{n}-llama"] = dict(drop_layers=n, llama_quantize=True)
+    POINTS[f"depth{n}-kd"] = dict(drop_layers=n, recovery="kd", lr=3e-4, train_tokens=16_000_000)
+
+
+def done_points(path: Path) -> set[str]:
+    return {json.loads(l)["point"] for l in path.read_text().splitlines() if l.strip()} if path.is_file() else set()
+
+
+TOOLS_DIR: Path | None = None  # --tools
+
+
+def tool(name: str) -> Path:
+    if TOOLS_DIR is not None:
+        return TOOLS_DIR / name
+    from transact_edge import llamabuild
+
+    for target in ("native", "x86-64-portable"):
+        found = llamabuild.find(target, name)
+        if found:
+            return found
+    raise SystemExit(f"{name} is not built: transact-edge build-llama --target native (or x86-64-portable)")
+
+
+def texts(a) -> dict[str, Path]:
+    """The two texts as files llama-perplexity reads."""
+    from transact_edge import corpus
+
+    tmp = Path(tempfile.mkdtemp(prefix="frontier-"))
+    wiki = tmp / "wiki_eval.txt"
+    wiki.write_text("\n\n".join(corpus.default_texts("eval")))
+    out = {"wiki": wiki}
+    if a.second_text:
+        out["news"] = a.second_text
+    return out
+
+
+def perplexity(gguf: Path, text: Path, a) -> float:
+    cmd = [str(tool("llama-perplexity")), "-m", str(gguf), "-f", str(text), "-c", "512", "-b", "512",
+           "--chunks", str(a.chunks), "-t", str(a.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    m = re.search(r"Final estimate: PPL = ([0-9.]+)", out.stdout + out.stderr)
+    if not m:
+        raise RuntimeError(f"llama-perplexity failed on {gguf}: {(out.stdout + out.stderr)[-2000:]}")
+    return float(m.group(1))
+
+
+def decode_speed(gguf: Path, a) -> float:
+    cmd = [str(tool("llama-bench")), "-m", str(gguf), "-p", "0", "-n", "64", "-r", "2", "-t", str(a.threads),
+           "-o", "json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(json.loads(out.stdout)[0]["avg_ts"])
+
+
+def quantize(f16: Path, outtype: str, prune_layers: list[int] | None = None) -> Path:
+    out = f16.with_name(f16.name.replace("-f16.gguf", f"-{outtype}.gguf"))
+    cmd = [str(tool("llama-quantize"))]
+    if prune_layers:
+        cmd += ["--prune-layers", ",".join(map(str, prune_layers))]
+    subprocess.run([*cmd, str(f16), str(out), TYPES[outtype]], capture_output=True, check=True)
+    return out
+
+
+def shortgpt_layers(n: int, model: str) -> list[int]:
+    """The layers block influence would drop (as prune --drop-layers does), on the point's calibration."""
+    import torch
+
+    from transact_edge import corpus, depth
+    from transact_edge.loading import load
+
+    loaded = load(model)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    calib = corpus.windows(corpus.stream(loaded.tokenizer), CALIB["seq_len"], CALIB["calib_samples"])
+    return depth.choose(depth.block_influence(loaded.model.to(dev), calib, 8), n)
+
+
+def run_point(name: str, a) -> None:
+    from transact_edge.exporters.gguf import GGUFExportOptions, export
+    from transact_edge.plan import WidthRequest
+    from transact_edge.prune import PruneOptions, prune
+
+    spec = POINTS[name]
+    work = Path(tempfile.mkdtemp(prefix=f"frontier-{name}-"))
+    record: dict = {"point": name, "spec": spec}
+    t = time.perf_counter()
+    source = a.model
+    if spec.get("widths") or spec.get("drop_layers") and not spec.get("llama_quantize"):
+        widths = WidthRequest(**WIDTHS[spec["widths"]]) if spec.get("widths") else WidthRequest()
+        out = work / name
+        report = prune(PruneOptions(
+            model=a.model, out=out, widths=widths, train_tokens=spec.get("train_tokens", 0),
+            recovery=spec.get("recovery", "kd"), lr=spec.get("lr", 3e-4), drop_layers=spec.get("drop_layers", 0),
+            train_data=a.train_data, val_every=50, seed=0, force=True, **CALIB))
+        record["params"] = report["pruned"]["params"]
+        record["recovery"] = [{k: v for k, v in s["recovery"].items() if k not in ("loss_curve",)}
+                              for s in report["shots"] if "recovery" in s]
+        source = str(out)
+    record["seconds_prune"] = time.perf_counter() - t
+    f16 = export(GGUFExportOptions(source, "f16", work / f"{name}-f16.gguf"))
+    layers = shortgpt_layers(spec["drop_layers"], a.model) if spec.get("llama_quantize") else None
+    record["pruned_layers"] = layers
+    files = texts(a)
+    rows = []
+    for outtype in TYPES:
+        gguf = quantize(f16, outtype, layers) if outtype != "f16" or layers else f16
+        row = record | {"type": outtype, "bytes": gguf.stat().st_size, "tg64_tok_s": decode_speed(gguf, a)}
+        row |= {f"ppl_{k}": perplexity(gguf, f, a) for k, f in files.items()}
+        rows.append(row)
+        print(json.dumps({k: row[k] for k in ("point", "type", "bytes", "tg64_tok_s", *[f"ppl_{k}" for k in files])}),
+              flush=True)
+    info = machine()
+    with a.results.open("a") as f:
+        for row in rows:
+            f.write(json.dumps(row | {"machine": info, "chunks": a.chunks}) + "\n")
+
+
+def throughput(a) -> None:
+    """Sampling new tok/s at several batch sizes, and KD vs LM training steps at the 50% widths."""
+    import torch
+
+    from transact_edge import corpus, generate
+    from transact_edge.distill import LossOptions, Teacher
+    from transact_edge.loading import load
+    from transact_edge.plan import WidthRequest
+    from transact_edge.prune import PruneOptions, prune
+    from transact_edge.recovery import RecoveryOptions, train
+    from transact_edge.traindata import from_windows
+
+    dev = torch.device("cuda")
+    loaded = load(a.model)
+    teacher = Teacher(loaded.model, dev)
+    ids = corpus.stream(loaded.tokenizer)
+    out: dict = {"machine": machine() | {"gpu": torch.cuda.get_device_name()}, "generation": []}
+    for batch in a.gen_batches:
+        for compiled in (False, True) if a.compile else (False,):
+            opts = generate.GenOptions(tokens=batch * 256 * 2, batch=batch, compile=compiled)
+            generate.generate(teacher.model, ids, loaded.tokenizer.eos_token_id, opts)  # warm-up (and compile)
+            torch.cuda.synchronize()
+            _, stats = generate.generate(teacher.model, ids, loaded.tokenizer.eos_token_id,
+                                         generate.GenOptions(tokens=batch * 256 * 4, batch=batch, compile=compiled))
+            out["generation"].append({"batch": batch, "compile": compiled, **stats})
+            print(json.dumps(out["generation"][-1]), flush=True)
+    work = Path(tempfile.mkdtemp(prefix="frontier-tp-"))
+    prune(PruneOptions(model=a.model, out=work / "s", widths=WidthRequest(**WIDTHS["tx50"]), force=True, **CALIB))
+    windows = corpus.windows(ids, 1024, 32 * 24, seed=0)
+    for loss in ("lm", "kd", "lm", "kd"):  # twice: the first of each warms up
+        student = load(str(work / "s")).model.to(dev)
+        t = time.perf_counter()
+        train(student, from_windows(windows), 24, RecoveryOptions(LossOptions(loss), 32, 1e-4),
+              teacher=teacher if loss == "kd" else None)
+        torch.cuda.synchronize()
+        out[f"{loss}_tok_s"] = windows.numel() / (time.perf_counter() - t)
+    out["kd_over_lm"] = out["kd_tok_s"] / out["lm_tok_s"]
+    print(json.dumps({k: v for k, v in out.items() if k != "machine"}), flush=True)
+    (RESULTS / "recovery_throughput.json").write_text(json.dumps(out, indent=1))
+
+
+def pareto(rows: list[dict], key: str) -> set[int]:
+    """Indices of rows no other row beats in both bytes and perplexity."""
+    return {i for i, r in enumerate(rows)
+            if not any(o["bytes"] <= r["bytes"] and o[key] <= r[key] and (o["bytes"], o[key]) != (r["bytes"], r[key])
+                       for o in rows)}
+
+
+def report(a) -> None:
+    rows = [json.loads(l) for l in a.results.read_text().splitlines() if l.strip()]
+    keys = [k for k in ("ppl_wiki", "ppl_news") if all(k in r for r in rows)]
+    fronts = {k: pareto(rows, k) for k in keys}
+    lines = ["| point | type | MiB | " + " | ".join(keys) + " | decode tok/s | on the front |",
+             "|---|---|---:|" + "---:|" * len(keys) + "---:|---|"]
+    for i, r in sorted(enumerate(rows), key=lambda x: x[1]["bytes"]):
+        lines.append(f"| {r['point']} | {r['type']} | {r['bytes'] / 2**20:.1f} | "
+                     + " | ".join(f"{r[k]:.2f}" for k in keys)
+                     + f" | {r['tg64_tok_s']:.0f} | {', '.join(k for k in keys if i in fronts[k]) or '-'} |")
+    md = RESULTS / "frontier.md"
+    md.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.5), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        for family in sorted({r["point"].split("-")[0] for r in rows}):
+            pts = [(r["bytes"] / 2**20, r[k]) for r in rows if r["point"].split("-")[0] == family]
+            ax.scatter(*zip(*pts), label=family, s=14)
+        front = sorted((rows[i]["bytes"] / 2**20, rows[i][k]) for i in fronts[k])
+        ax.plot(*zip(*front), "k--", lw=1, label="Pareto front")
+        ax.set(xlabel="GGUF MiB", ylabel=f"llama.cpp perplexity ({k[4:]})", yscale="log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "frontier.png", dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=["point", "throughput", "report"])
+    p.add_argument("points", nargs="*", help=f"point names: {', '.join(POINTS)}")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--train-data", help="recovery text (default: the shipped pages)")
+    p.add_argument("--second-text", type=Path, help="a text of another domain (e.g. gensim's lee_background.cor)")
+    p.add_argument("--chunks", type=int, default=64, help="llama-perplexity chunks of 512 tokens per text")
+    p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--results", type=Path, default=RESULTS / "frontier.jsonl")
+    p.add_argument("--gen-batches", type=lambda s: [int(x) for x in s.split(",")], default=[256, 1024, 2048])
+    p.add_argument("--compile", action="store_true", help="also time the torch.compile'd decoding step")
+    p.add_argument("--tools", type=Path, help="directory of llama.cpp's tools (default: transact-edge build-llama's)")
+    a = p.parse_args()
+    global TOOLS_DIR
+    TOOLS_DIR = a.tools
+    if a.what == "throughput":
+        return throughput(a)
+    if a.what == "report":
+        return report(a)
+    for name in a.points:
+        if name not in POINTS:
+            raise SystemExit(f"unknown point {name!r} (choose from {', '.join(POINTS)})")
+        if name in done_points(a.results):
+            print(f"{name}: already in {a.results}; skipped")
+            continue
+        run_point(name, a)
+
+
+if __name__ == "__main__":
+    main()
