@@ -98,7 +98,7 @@ def decode_speed(gguf: Path, a) -> float:
 
 
 def quantize(f16: Path, outtype: str, prune_layers: list[int] | None = None) -> Path:
-    out = f16.with_name(f16.name.replace("-f16.gguf", f"-{outtype}.gguf"))
+    out = f16.with_name(f16.name.replace("-f16.gguf", f"-{outtype}{'-pruned' if prune_layers else ''}.gguf"))
     cmd = [str(tool("llama-quantize"))]
     if prune_layers:
         cmd += ["--prune-layers", ",".join(map(str, prune_layers))]
