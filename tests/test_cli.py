@@ -68,6 +68,16 @@ CASES = {
     "jsonl without text": ["--model", "{tiny}", "--calib", "{bad_jsonl}"],
     "missing calibration file": ["--model", "{tiny}", "--calib", "{tmp}/nope.txt"],
     "zero shots": ["--model", "{tiny}", "--shots", "0"],
+    "unknown recovery loss": ["--model", "{tiny}", "--train-tokens", "64", "--recovery", "mse"],
+    "zero kd temperature": ["--model", "{tiny}", "--train-tokens", "64", "--kd-temperature", "0"],
+    "unknown schedule": ["--model", "{tiny}", "--train-tokens", "64", "--schedule", "cubic"],
+    "missing train data": ["--model", "{tiny}", "--train-tokens", "64", "--train-data", "wiki@1,{tmp}/nope.jsonl@2"],
+    "bad train data weight": ["--model", "{tiny}", "--train-tokens", "64", "--train-data", "wiki@zero"],
+    "negative train data weight": ["--model", "{tiny}", "--train-tokens", "64", "--train-data", "wiki@-1"],
+    "train data named twice": ["--model", "{tiny}", "--train-tokens", "64", "--train-data", "wiki,wiki@2"],
+    "generated without gen tokens": ["--model", "{tiny}", "--train-tokens", "64", "--train-data", "generated"],
+    "missing teacher": ["--model", "{tiny}", "--train-tokens", "64", "--teacher", "{tmp}/no-teacher"],
+    "too many layers dropped": ["--model", "{tiny}", "--drop-layers", "3"],
 }
 
 

@@ -15,6 +15,7 @@ teacher's weights, the prompts, the seed and the lengths, written atomically and
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -86,17 +87,18 @@ def sample(model, prompt: torch.Tensor, new_len: int, gen: torch.Generator, temp
 
     b, p = prompt.shape
     device = prompt.device
-    cache = StaticCache(config=model.config, max_cache_len=p + new_len)
+    # transformers renamed `past_key_values` to `cache` in 5.2x; take whichever this version has
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = {key: StaticCache(config=model.config, max_cache_len=p + new_len)}
     step = step or model.forward
-    logits = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(p, device=device),
-                   use_cache=True).logits[:, -1]  # (B, V)
+    logits = model(input_ids=prompt, cache_position=torch.arange(p, device=device), use_cache=True,
+                   **cache).logits[:, -1]  # (B, V)
     out = torch.empty(b, new_len, dtype=torch.long, device=device)
     for i in range(new_len):
         out[:, i] = _gumbel_argmax(logits, temperature, gen)
         if i + 1 < new_len:
             pos = torch.tensor([p + i], device=device)
-            logits = step(input_ids=out[:, i:i + 1], past_key_values=cache, cache_position=pos,
-                          use_cache=True).logits[:, -1]
+            logits = step(input_ids=out[:, i:i + 1], cache_position=pos, use_cache=True, **cache).logits[:, -1]
     return out
 
 

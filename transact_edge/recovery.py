@@ -48,7 +48,7 @@ def tokens_per_shot(total: int, shots: int, schedule: str = "linear") -> list[in
         weights = [(1 - FINAL_SHARE) / (shots - 1)] * (shots - 1) + [FINAL_SHARE]
     else:
         weights = [float(i) for i in range(1, shots + 1)]
-    return [int(total * w / sum(weights)) for w in weights]
+    return [int(total * w / sum(weights) + 1e-9) for w in weights]  # (floats: 0.1 / 1.0 * 1000 is 99.99...)
 
 
 @dataclass(frozen=True)

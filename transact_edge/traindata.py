@@ -29,7 +29,7 @@ from .errors import UserError
 
 GENERATED = "generated"
 DOC_BATCH = 64              # documents tokenized at once
-TXT_CHUNK = 1 << 20         # a .txt file is read in chunks of about 1 MiB, cut at a line end
+TXT_CHUNK = 1 << 16         # a .txt file is read in chunks of about 64 KiB, cut at a line end
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ class TokenStream:
         self.eos = [] if tokenizer is None or tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
         self.state = {"pos": 0, "start": 0, "epoch": 0, "tokens": 0, "source_tokens": None, "carry": []}
 
-    def _fill(self, need: int) -> list[int]:
+    def _fill(self, need: int, docs: int = DOC_BATCH) -> list[int]:
         """At least `need` tokens from the current position on (wrapping to `start` at the end)."""
         st = self.state
         buf, wrapped_empty = list(st["carry"]), False
@@ -163,7 +163,7 @@ class TokenStream:
                 chunk = self.tokens[st["pos"]:st["pos"] + need - len(buf)]
                 ids, st["pos"] = chunk.astype(np.int64).tolist(), st["pos"] + len(chunk)
             else:
-                texts, st["pos"] = self.docs.read(st["pos"], DOC_BATCH)
+                texts, st["pos"] = self.docs.read(st["pos"], docs)
                 enc = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
                 ids = [t for doc in enc for t in doc + self.eos]
             if ids:
@@ -177,18 +177,18 @@ class TokenStream:
             st["epoch"], st["pos"], wrapped_empty = st["epoch"] + 1, st["start"], True
         return buf
 
-    def take(self, n: int) -> torch.Tensor:
-        """The next n windows (n, seq_len)."""
+    def take(self, n: int, docs: int = DOC_BATCH) -> torch.Tensor:
+        """The next n windows (n, seq_len), reading `docs` documents at a time."""
         st = self.state
         need = n * self.seq_len
-        buf = self._fill(need)
+        buf = self._fill(need, docs)
         st["tokens"] += need
         st["carry"] = buf[need:]
         return torch.tensor(buf[:need], dtype=torch.long).view(n, self.seq_len)
 
     def hold_apart(self, n: int) -> torch.Tensor:
-        """The first n windows, never trained on: later epochs start after them."""
-        windows = self.take(n)
+        """The first n windows, never trained on: later epochs start after the documents they came from."""
+        windows = self.take(n, docs=1)
         self.state |= {"start": self.state["pos"], "carry": [], "tokens": 0}
         return windows
 
