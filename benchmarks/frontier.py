@@ -33,6 +33,9 @@ from _common import machine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TYPES = {"f16": "F16", "q8_0": "Q8_0", "q5_1": "Q5_1", "q5_0": "Q5_0", "q4_1": "Q4_1", "q4_0": "Q4_0"}
+SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+               num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True, rope_theta=1e5,
+               max_position_embeddings=8192, eos_token_id=2, torch_dtype="bfloat16")
 CALIB = dict(calib_samples=128, seq_len=1024, batch_size=32)
 # ~75 / 60 / 50% of the non-embedding parameters (SmolLM2: 9 heads / 3 KV heads / MLP 1536 per layer)
 WIDTHS = {"tx75": dict(heads=9, kv_heads=3, mlp=1024), "tx60": dict(heads=6, kv_heads=2, mlp=896),
@@ -172,19 +175,30 @@ def throughput(a) -> None:
     from transact_edge.traindata import from_windows
 
     dev = torch.device("cuda")
-    loaded = load(a.model)
-    teacher = Teacher(loaded.model, dev)
-    ids = corpus.stream(loaded.tokenizer)
     out: dict = {"machine": machine() | {"gpu": torch.cuda.get_device_name()}, "generation": []}
+    if a.random_weights:  # the speed of sampling does not depend on the weights' values
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        model = LlamaForCausalLM(LlamaConfig(**SMOLLM2)).to(dev)
+        ids, eos = torch.randint(0, SMOLLM2["vocab_size"], (100_000,)), SMOLLM2["eos_token_id"]
+        out["weights"] = "random, SmolLM2-135M's config"
+    else:
+        loaded = load(a.model)
+        model, ids, eos = loaded.model, corpus.stream(loaded.tokenizer), loaded.tokenizer.eos_token_id
+    teacher = Teacher(model, dev)
     for batch in a.gen_batches:
-        for compiled in (False, True) if a.compile else (False,):
-            opts = generate.GenOptions(tokens=batch * 256 * 2, batch=batch, compile=compiled)
-            generate.generate(teacher.model, ids, loaded.tokenizer.eos_token_id, opts)  # warm-up (and compile)
+        for cache, compiled in (("dynamic", False), ("static", True)) if a.compile else (("dynamic", False),):
+            def opts(rounds: int):
+                return generate.GenOptions(tokens=batch * a.gen_len * rounds, new_len=a.gen_len, batch=batch,
+                                           compile=compiled, cache=cache)
+            generate.generate(teacher.model, ids, eos, opts(1))  # warm-up (and compile)
             torch.cuda.synchronize()
-            _, stats = generate.generate(teacher.model, ids, loaded.tokenizer.eos_token_id,
-                                         generate.GenOptions(tokens=batch * 256 * 4, batch=batch, compile=compiled))
-            out["generation"].append({"batch": batch, "compile": compiled, **stats})
+            _, stats = generate.generate(teacher.model, ids, eos, opts(3))
+            out["generation"].append({"cache": cache, "compile": compiled, "new_len": a.gen_len, **stats})
             print(json.dumps(out["generation"][-1]), flush=True)
+    if a.random_weights:
+        (RESULTS / "generation_throughput.json").write_text(json.dumps(out, indent=1))
+        return
     work = Path(tempfile.mkdtemp(prefix="frontier-tp-"))
     prune(PruneOptions(model=a.model, out=work / "s", widths=WidthRequest(**WIDTHS["tx50"]), force=True, **CALIB))
     windows = corpus.windows(ids, 1024, 32 * 24, seed=0)
@@ -250,6 +264,9 @@ def main() -> None:
     p.add_argument("--results", type=Path, default=RESULTS / "frontier.jsonl")
     p.add_argument("--gen-batches", type=lambda s: [int(x) for x in s.split(",")], default=[256, 1024, 2048])
     p.add_argument("--compile", action="store_true", help="also time the torch.compile'd decoding step")
+    p.add_argument("--gen-len", type=int, default=256, help="tokens sampled per sequence")
+    p.add_argument("--random-weights", action="store_true", help="throughput: sampling only, SmolLM2's shapes with "
+                   "random weights (no model file needed)")
     p.add_argument("--tools", type=Path, help="directory of llama.cpp's tools (default: transact-edge build-llama's)")
     a = p.parse_args()
     global TOOLS_DIR
