@@ -187,3 +187,13 @@ def test_resume_inside_a_shot_gives_the_uninterrupted_weights(tiny_llama_dir, tm
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert not (tmp_path / ".resumed.partial").exists()
+
+
+def test_chat_agreement_counts_answers_that_start_alike(tokenizer):
+    from transact_edge.chat import agreement
+
+    model = tiny_model("llama")
+    same = agreement(model, copy.deepcopy(model), tokenizer, n_tokens=4)
+    assert same.agreeing == same.prompts == 16 and "16/16" in same.line()
+    other = agreement(tiny_model("llama", seed=1), model, tokenizer, n_tokens=4)
+    assert other.agreeing < other.prompts and len(other.answers) == 16

@@ -144,11 +144,23 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .evaluate import perplexity
     from .loading import load
 
-    if not a.ppl and not a.lm_eval:
-        raise UserError("eval: nothing to do; give --ppl and/or --lm-eval TASKS")
+    if not a.ppl and not a.lm_eval and not a.chat_agreement:
+        raise UserError("eval: nothing to do; give --ppl, --lm-eval TASKS and/or --chat-agreement")
     if a.lm_eval_include and not a.lm_eval_include.is_dir():
         raise UserError(f"--lm-eval-include: no such directory: {a.lm_eval_include}")
     loaded = load(a.path)
+    if a.chat_agreement:
+        from .chat import agreement
+        from .checkpoint import read_report
+
+        ref = a.chat_agreement if a.chat_agreement != "source" else (
+            (read_report(Path(a.path)) or {}).get("source", {}).get("model") if Path(a.path).is_dir() else None)
+        if not ref:
+            raise UserError(f"--chat-agreement: {a.path} records no source model; name the reference model")
+        result = agreement(loaded.model, load(ref).model, loaded.tokenizer)
+        print(f"{a.path} vs {ref}: {result.line()}")
+        if not a.ppl and not a.lm_eval:
+            return 0
     if a.lm_eval:
         from . import lmeval
 
@@ -315,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "transact_wiki_lastword, or tasks whose data is in the local datasets cache)")
     p.add_argument("--lm-eval-limit", type=_positive_int, help="examples per task")
     p.add_argument("--lm-eval-include", type=Path, help="a directory of extra lm-eval task YAMLs")
+    p.add_argument("--chat-agreement", nargs="?", const="source", metavar="REFERENCE",
+                   help="how often greedy answers to fixed chat prompts start like REFERENCE's (default: the "
+                        "source model in transact.json)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="export a checkpoint to GGUF for llama.cpp")
