@@ -1,5 +1,7 @@
 """Several processes: two gloo processes on the CPU must train exactly what one process trains.
 
+Recovery is distillation from the dense model (the default): each process holds the teacher.
+
 With the same windows, two processes at --batch-size 1 (DDP averages their gradients, FSDP2
 reduce-scatters them) take the same steps as one process at --batch-size 2, and the activation
 statistics summed over the processes are those of one process. So the checkpoints must agree.
@@ -48,6 +50,7 @@ def test_two_processes_train_what_one_process_trains(launcher, sharding, tiny_ll
     assert a["kept"] == b["kept"]  # summed statistics: the same heads and channels
     for sa, sb in zip(a["shots"], b["shots"]):
         assert sb["recovery"]["processes"] == 2
+        assert sb["recovery"]["loss"] == "kd" and sb["recovery"]["teacher"]["placement"].startswith("a frozen replica")
         assert sa["recovery"]["tokens"] == sb["recovery"]["tokens"] and sa["recovery"]["steps"] == sb["recovery"]["steps"]
     wa, wb = (load_file(d / "model.safetensors") for d in (one, two))
     assert wa.keys() == wb.keys()

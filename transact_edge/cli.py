@@ -267,6 +267,17 @@ def cmd_demo(a: argparse.Namespace) -> int:
         report = bench.run([str(dense), str(ggufs["q8_0"])], "llama.cpp", bench.Tests([128], [32], [0]), None, 3,
                            device)
     print(bench.render(report, "md"), end="")
+
+    from importlib import resources
+
+    from .chat import agreement
+
+    dense_model = load(opts.model).model
+    print(f"\nthis run, chat: {agreement(loaded.model, dense_model, loaded.tokenizer).line()}")
+    print(f"\nThis run recovered on {opts.train_tokens:,} tokens on this CPU: it shows the chain, not the quality a "
+          "real recovery budget buys.\nThe committed GPU frontier (benchmarks/results/frontier.md, measured there, "
+          "not by this run):\n")
+    print(resources.files("transact_edge").joinpath("data/frontier.md").read_text())
     return 1 if failed else 0
 
 
