@@ -75,8 +75,8 @@ class ShippedDocs:
         return self.texts[pos:pos + n], min(pos + n, len(self.texts))
 
 
-class JsonlDocs:
-    """One JSON object per line; the position is a byte offset."""
+class FileDocs:
+    """Documents of a file, read from a byte offset; subclasses say where one ends and what it holds."""
     def __init__(self, path: Path):
         self.path = path
 
@@ -85,41 +85,47 @@ class JsonlDocs:
         with self.path.open("rb") as f:
             f.seek(pos)
             while len(texts) < n:
-                line = f.readline()
-                if not line:
+                raw = self.next_raw(f)
+                if not raw:
                     break
-                pos += len(line)
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)["text"]
-                except (ValueError, KeyError, TypeError):
-                    raise UserError(f"{self.path}: line at byte {pos - len(line)} is not a JSON object with a "
-                                    "\"text\" field") from None
-                if isinstance(text, str) and text.strip():
+                text = self.parse(raw, pos)
+                pos += len(raw)
+                if text and text.strip():
                     texts.append(text)
         return texts, pos
 
+    def next_raw(self, f) -> bytes:
+        raise NotImplementedError
 
-class TextDocs:
-    """Plain UTF-8 text in chunks of about TXT_CHUNK bytes cut at line ends; the position is a byte offset."""
-    def __init__(self, path: Path):
-        self.path = path
+    def parse(self, raw: bytes, at: int) -> str | None:
+        raise NotImplementedError
 
-    def read(self, pos: int, n: int) -> tuple[list[str], int]:
-        texts = []
-        with self.path.open("rb") as f:
-            f.seek(pos)
-            while len(texts) < n:
-                chunk = f.read(TXT_CHUNK)
-                if not chunk:
-                    break
-                chunk += f.readline()  # finish the line
-                pos += len(chunk)
-                if b"\x00" in chunk:
-                    raise UserError(f"{self.path}: looks binary; expected UTF-8 text")
-                texts.append(chunk.decode("utf-8", errors="replace"))
-        return texts, pos
+
+class JsonlDocs(FileDocs):
+    """One JSON object with a "text" field per line."""
+    def next_raw(self, f) -> bytes:
+        return f.readline()
+
+    def parse(self, raw: bytes, at: int) -> str | None:
+        if not raw.strip():
+            return None
+        try:
+            text = json.loads(raw)["text"]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{self.path}: line at byte {at} is not a JSON object with a \"text\" field") from None
+        return text if isinstance(text, str) else None
+
+
+class TextDocs(FileDocs):
+    """Plain UTF-8 text in chunks of about TXT_CHUNK bytes, cut at line ends."""
+    def next_raw(self, f) -> bytes:
+        chunk = f.read(TXT_CHUNK)
+        return chunk + f.readline() if chunk else chunk  # finish the line
+
+    def parse(self, raw: bytes, at: int) -> str | None:
+        if b"\x00" in raw:
+            raise UserError(f"{self.path}: looks binary; expected UTF-8 text")
+        return raw.decode("utf-8", errors="replace")
 
 
 class DatasetDocs:
