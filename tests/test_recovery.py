@@ -197,3 +197,12 @@ def test_chat_agreement_counts_answers_that_start_alike(tokenizer):
     assert same.agreeing == same.prompts == 16 and "16/16" in same.line()
     other = agreement(tiny_model("llama", seed=1), model, tokenizer, n_tokens=4)
     assert other.agreeing < other.prompts and len(other.answers) == 16
+
+
+def test_windows_are_shuffled_and_every_epoch_differently():
+    rows = torch.arange(64 * 8).view(64, 8)  # window i holds 8i .. 8i+7
+    m = traindata.from_windows(rows)
+    first, second = m.take(64), m.take(64)
+    assert sorted(first[:, 0].tolist()) == rows[:, 0].tolist()  # one epoch: every window once
+    assert first[:, 0].tolist() != rows[:, 0].tolist() and first[:, 0].tolist() != second[:, 0].tolist()
+    assert m.report()[0]["epochs"] == 2.0

@@ -171,9 +171,9 @@ def _recovery_setup(opts: PruneOptions, tok, calib_ids: torch.Tensor, device: to
             if group is not None and group.main:
                 _wait(group)
             report.setdefault("generated", stats | {"file": str(path)})
-            streams.append(traindata.TokenStream(src.name, opts.seq_len, tokens=path))
+            streams.append(traindata.TokenStream(src.name, opts.seq_len, tokens=path, seed=opts.seed))
         else:
-            streams.append(traindata.TokenStream(src.name, opts.seq_len, tok))
+            streams.append(traindata.TokenStream(src.name, opts.seq_len, tok, seed=opts.seed))
     data = traindata.Mixture(streams, [s.weight for s in traindata.parse(opts.train_data or opts.calib)], opts.seed)
     val = streams[0].hold_apart(opts.val_windows) if opts.val_windows else None
     return teacher, data, val

@@ -5,9 +5,10 @@ shares of windows). A source is what `--calib` accepts — `wiki` (the shipped p
 a `.jsonl` file with a "text" field, a `datasets.save_to_disk` directory — or `generated`: text
 sampled from the teacher (generate.py), stored as a token file. Files are read as they are needed,
 a batch of documents at a time from a byte offset (or row index), so a multi-GB `.jsonl` is never
-held whole; when a source runs out it starts again (an epoch), and the epochs each source was read
-are counted as it streams. Each stream's state (position, epoch, leftover tokens) is small JSON, so
-a run resumes exactly where it stopped, across shots and inside one.
+held whole; windows are shuffled within blocks of about a million tokens (a small corpus is
+reshuffled whole every epoch); when a source runs out it starts again (an epoch), and the epochs
+each source was read are counted as it streams. Each stream's state (block position, place in it,
+epoch) is small JSON, so a run resumes exactly where it stopped, across shots and inside one.
 
 The validation slice is the first windows of the first source: they are read before training starts
 and skipped on every later epoch, so they are held apart from the training data (and, being from
@@ -15,6 +16,7 @@ the training split, from the evaluation pages).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from .errors import UserError
 
 GENERATED = "generated"
 DOC_BATCH = 64              # documents tokenized at once
+BLOCK_TOKENS = 1 << 20      # windows are shuffled within blocks of about this many tokens
 TXT_CHUNK = 1 << 16         # a .txt file is read in chunks of about 64 KiB, cut at a line end
 
 
@@ -148,54 +151,90 @@ def documents(name: str) -> Documents:
 
 
 class TokenStream:
-    """Windows of `seq_len` tokens from one source, endlessly (epoch after epoch)."""
+    """Windows of `seq_len` tokens from one source, endlessly (epoch after epoch), shuffled.
 
-    def __init__(self, name: str, seq_len: int, tokenizer=None, tokens: Path | np.ndarray | None = None):
+    The source is read a block at a time (documents until BLOCK_TOKENS tokens, or its end) and cut
+    into windows; a block's windows are served in an order drawn from (seed, epoch, block position).
+    A corpus smaller than a block is reshuffled whole every epoch; a larger one is shuffled within
+    blocks and never held whole. A block is rebuilt from its position, so the state is a few numbers.
+    """
+
+    def __init__(self, name: str, seq_len: int, tokenizer=None, tokens: Path | np.ndarray | None = None,
+                 seed: int = 0):
         """Text sources are tokenized with `tokenizer` as they stream; `tokens` (a .npy file, memory-mapped,
         or an array) are read as they are."""
-        self.name, self.seq_len = name, seq_len
+        self.name, self.seq_len, self.seed = name, seq_len, seed
         self.tokenizer = tokenizer
         self.docs = None if tokens is not None else documents(name)
         self.tokens = np.load(tokens, mmap_mode="r") if isinstance(tokens, Path) else tokens
         self.eos = [] if tokenizer is None or tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-        self.state = {"pos": 0, "start": 0, "epoch": 0, "tokens": 0, "source_tokens": None, "carry": []}
+        self.state = {"block": 0, "i": 0, "start": 0, "epoch": 0, "tokens": 0, "epoch_tokens": 0,
+                      "source_tokens": None}
+        self._cached: tuple | None = None  # ((block, epoch), windows, next block)
 
-    def _fill(self, need: int, docs: int = DOC_BATCH) -> list[int]:
-        """At least `need` tokens from the current position on (wrapping to `start` at the end)."""
+    def _read(self, pos: int, need: int, docs: int) -> tuple[np.ndarray, int]:
+        """At least `need` tokens from `pos` on (fewer at the end of the source) and the position after them."""
+        if self.tokens is not None:
+            end = min(pos + need, len(self.tokens))
+            return np.asarray(self.tokens[pos:end], dtype=np.int64), end
+        parts, got = [], 0
+        while got < need:
+            texts, nxt = self.docs.read(pos, docs)
+            if nxt == pos:
+                break
+            pos = nxt
+            for doc in self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []:
+                parts.append(np.asarray(doc + self.eos, dtype=np.int64))
+                got += len(parts[-1])
+        return (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)), pos
+
+    def _windows(self, ids: np.ndarray) -> torch.Tensor:
+        n = len(ids) // self.seq_len
+        return torch.from_numpy(ids[: n * self.seq_len].copy()).view(n, self.seq_len)
+
+    def _block(self) -> tuple[torch.Tensor, int]:
         st = self.state
-        buf, wrapped_empty = list(st["carry"]), False
-        while len(buf) < need:
-            if self.tokens is not None:
-                chunk = self.tokens[st["pos"]:st["pos"] + need - len(buf)]
-                ids, st["pos"] = chunk.astype(np.int64).tolist(), st["pos"] + len(chunk)
-            else:
-                texts, st["pos"] = self.docs.read(st["pos"], docs)
-                enc = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-                ids = [t for doc in enc for t in doc + self.eos]
-            if ids:
-                buf += ids
-                wrapped_empty = False
+        key = (st["block"], st["epoch"])
+        if self._cached is None or self._cached[0] != key:
+            ids, nxt = self._read(st["block"], BLOCK_TOKENS, DOC_BATCH)
+            windows = self._windows(ids)
+            digest = hashlib.sha256(f"{self.seed}/{st['epoch']}/{st['block']}".encode()).digest()
+            order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(int.from_bytes(digest[:7], "little")))
+            self._cached = (key, windows[order], nxt)
+        return self._cached[1], self._cached[2]
+
+    def take(self, n: int) -> torch.Tensor:
+        """The next n windows (n, seq_len)."""
+        st, parts, left, wrapped = self.state, [], n, False
+        while left:
+            windows, nxt = self._block()
+            if len(windows) == 0:  # the end of the source: the next epoch starts
+                if wrapped:
+                    raise UserError(f"--train-data {self.name}: fewer than {self.seq_len} tokens after the "
+                                    "validation slice")
+                if st["source_tokens"] is None:
+                    st["source_tokens"] = st["epoch_tokens"]
+                st.update(epoch=st["epoch"] + 1, block=st["start"], i=0, epoch_tokens=0)
+                wrapped = True
                 continue
-            if wrapped_empty:
-                raise UserError(f"--train-data {self.name}: fewer than {need} tokens after the validation slice")
-            if st["source_tokens"] is None:
-                st["source_tokens"] = st["tokens"] + len(buf)  # read this epoch: consumed + buffered
-            st["epoch"], st["pos"], wrapped_empty = st["epoch"] + 1, st["start"], True
-        return buf
-
-    def take(self, n: int, docs: int = DOC_BATCH) -> torch.Tensor:
-        """The next n windows (n, seq_len), reading `docs` documents at a time."""
-        st = self.state
-        need = n * self.seq_len
-        buf = self._fill(need, docs)
-        st["tokens"] += need
-        st["carry"] = buf[need:]
-        return torch.tensor(buf[:need], dtype=torch.long).view(n, self.seq_len)
+            k = min(left, len(windows) - st["i"])
+            parts.append(windows[st["i"]:st["i"] + k])
+            st["i"] += k
+            st["tokens"] += k * self.seq_len
+            left -= k
+            wrapped = False
+            if st["i"] == len(windows):
+                st.update(block=nxt, i=0, epoch_tokens=st["epoch_tokens"] + windows.numel())
+        return torch.cat(parts)
 
     def hold_apart(self, n: int) -> torch.Tensor:
-        """The first n windows, never trained on: later epochs start after the documents they came from."""
-        windows = self.take(n, docs=1)
-        self.state |= {"start": self.state["pos"], "carry": [], "tokens": 0}
+        """The first n windows, in order, never trained on: every epoch starts after the documents they came from."""
+        ids, pos = self._read(0, n * self.seq_len, docs=1)
+        windows = self._windows(ids)[:n]
+        if len(windows) < n:
+            raise UserError(f"--train-data {self.name}: fewer than {n} windows of {self.seq_len} tokens for "
+                            "--val-windows")
+        self.state.update(start=pos, block=pos, i=0)
         return windows
 
     def report(self) -> dict:
@@ -244,5 +283,5 @@ class Mixture:
 
 
 def from_windows(windows: torch.Tensor, name: str = "windows") -> Mixture:
-    """A mixture of one in-memory source: the rows of `windows` (N, T) in order, then again."""
+    """A mixture of one in-memory source: the rows of `windows` (N, T), shuffled, epoch after epoch."""
     return Mixture([TokenStream(name, windows.shape[1], tokens=windows.reshape(-1).numpy())], [1.0], seed=0)
