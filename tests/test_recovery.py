@@ -146,9 +146,9 @@ def test_block_influence_finds_a_layer_that_does_nothing():
 
 
 def _opts(src, out, **kw) -> PruneOptions:
-    return PruneOptions(model=str(src), out=out, widths=WidthRequest(heads=3, kv_heads=1, mlp=64), shots=2,
-                        train_tokens=12 * 64, calib_samples=4, seq_len=64, batch_size=2, lr=1e-3, device="cpu",
-                        val_windows=2, **kw)
+    kw = dict(shots=2, train_tokens=12 * 64) | kw
+    return PruneOptions(model=str(src), out=out, widths=WidthRequest(heads=3, kv_heads=1, mlp=64), calib_samples=4,
+                        seq_len=64, batch_size=2, lr=1e-3, device="cpu", val_windows=2, **kw)
 
 
 def test_kd_and_lm_recovery_report_what_they_did(tiny_llama_dir, tmp_path):
@@ -206,3 +206,14 @@ def test_windows_are_shuffled_and_every_epoch_differently():
     assert sorted(first[:, 0].tolist()) == rows[:, 0].tolist()  # one epoch: every window once
     assert first[:, 0].tolist() != rows[:, 0].tolist() and first[:, 0].tolist() != second[:, 0].tolist()
     assert m.report()[0]["epochs"] == 2.0
+
+
+def test_a_mixture_with_teacher_samples_trains_and_reports_both_sources(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(generate, "CACHE", tmp_path / "cache")
+    report = prune(_opts(tiny_llama_dir, tmp_path / "out", train_data="wiki@1,generated@3", gen_tokens=512,
+                         gen_len=32, shots=1))
+    assert report["generated"]["sampled_tokens"] == 512 and not report["generated"]["cached"]
+    data = {d["source"]: d for d in report["shots"][0]["recovery"]["data"]}
+    assert set(data) == {"wiki", "generated"} and data["generated"]["weight"] == 0.75
+    assert data["generated"]["tokens_read"] > data["wiki"]["tokens_read"] > 0
+    assert len(list((tmp_path / "cache" / "generated").iterdir())) == 1
