@@ -231,7 +231,7 @@ def table(rows: list[dict], keys: list[str], fronts: dict[str, set[int]], picked
              "on the front |", "|---|---|---:|" + "---:|" * len(keys) + "---:|---|"]
     for i, r in sorted(enumerate(rows), key=lambda x: x[1]["bytes"]):
         if picked(i, r):
-            lines.append(f"| {r['point']} | {r['type']} | {r['bytes'] / 2**20:.1f} | "
+            lines.append(f"| {r['point']}{' *' if r.get('caveat') else ''} | {r['type']} | {r['bytes'] / 2**20:.1f} | "
                          + " | ".join(f"{r[k]:.1f}" for k in keys)
                          + f" | {r['tg64_tok_s']:.0f} ({_host(r)}) | {', '.join(k[4:] for k in keys if i in fronts[k]) or '-'} |")
     return lines
@@ -247,7 +247,9 @@ def report(a) -> None:
             f"chunks of each text: `wiki` = the shipped held-out pages, `news` = the Lee news corpus, never seen "
             f"in recovery). Measured {date}, `python benchmarks/frontier.py point ...` (pruning and recovery on "
             "a lent H200; decode speed on the CPU of the host named). A row is on the front when no other row "
-            "is at most its size and perplexity.\n\n")
+            "is at most its size and perplexity. Decode speeds are only comparable between rows of the same host. "
+            + ("* recovered with its windows in corpus order (the streamed data was not shuffled yet): to be "
+               "re-run.\n\n" if any(r.get("caveat") for r in rows) else "\n\n"))
     full = table(rows, keys, fronts, lambda i, r: True)
     (RESULTS / "frontier.md").write_text(head + "\n".join(full) + "\n")
     print("\n".join(full))
