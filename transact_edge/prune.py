@@ -101,9 +101,9 @@ def _validate(opts: PruneOptions) -> None:
     if opts.schedule not in recovery.SCHEDULES:
         raise UserError(f"unknown --schedule {opts.schedule!r} (choose from {', '.join(recovery.SCHEDULES)})")
     distill.check(_loss_options(opts))
-    sources = traindata.parse(opts.train_data or opts.calib)
-    if any(s.name == traindata.GENERATED for s in sources):
-        generate.check(_gen_options(opts))
+    if opts.train_data is not None:  # (the default, the calibration corpus, is checked as calibration)
+        if any(s.name == traindata.GENERATED for s in traindata.parse(opts.train_data)):
+            generate.check(_gen_options(opts))
     if opts.teacher is not None and not Path(opts.teacher).exists() and opts.teacher not in EMBEDDED:
         raise UserError(f"--teacher {opts.teacher}: no such model directory or file")
     if opts.val_windows < 0 or opts.val_every < 0 or opts.drop_layers < 0:
@@ -151,19 +151,19 @@ def _gen_options(opts: PruneOptions) -> generate.GenOptions:
     return generate.GenOptions(opts.gen_tokens, seed=opts.seed, new_len=opts.gen_len, batch=opts.gen_batch)
 
 
-def _needs_teacher(opts: PruneOptions) -> bool:
-    sources = traindata.parse(opts.train_data or opts.calib)
+def _needs_teacher(opts: PruneOptions, sources: list[traindata.Source]) -> bool:
     return opts.train_tokens > 0 and (opts.recovery == "kd" or any(s.name == traindata.GENERATED for s in sources))
 
 
 def _recovery_setup(opts: PruneOptions, tok, calib_ids: torch.Tensor, device: torch.device,
                     group: distributed.Group | None, report: dict):
     """The teacher (frozen, once per process), the training mixture and the held-apart validation windows."""
+    sources = traindata.parse(opts.train_data or opts.calib)
     teacher = None
-    if _needs_teacher(opts):
+    if _needs_teacher(opts, sources):
         teacher = distill.Teacher(load(opts.teacher or opts.model).model, device)
     streams = []
-    for src in traindata.parse(opts.train_data or opts.calib):
+    for src in sources:
         if src.name == traindata.GENERATED:
             if group is not None and not group.main:
                 _wait(group)  # process 0 samples (or finds the cache); the others then read its file
@@ -174,7 +174,7 @@ def _recovery_setup(opts: PruneOptions, tok, calib_ids: torch.Tensor, device: to
             streams.append(traindata.TokenStream(src.name, opts.seq_len, tokens=path, seed=opts.seed))
         else:
             streams.append(traindata.TokenStream(src.name, opts.seq_len, tok, seed=opts.seed))
-    data = traindata.Mixture(streams, [s.weight for s in traindata.parse(opts.train_data or opts.calib)], opts.seed)
+    data = traindata.Mixture(streams, [s.weight for s in sources], opts.seed)
     val = streams[0].hold_apart(opts.val_windows) if opts.val_windows else None
     return teacher, data, val
 
