@@ -149,7 +149,7 @@ def run_point(name: str, a) -> None:
     record["pruned_layers"] = layers
     files = texts(a)
     rows = []
-    for outtype in TYPES:
+    for outtype in a.types:
         gguf = quantize(f16, outtype, layers) if outtype != "f16" or layers else f16
         row = record | {"type": outtype, "bytes": gguf.stat().st_size, "tg64_tok_s": decode_speed(gguf, a)}
         row |= {f"ppl_{k}": perplexity(gguf, f, a) for k, f in files.items()}
@@ -289,6 +289,8 @@ def main() -> None:
     p.add_argument("--gen-len", type=int, default=256, help="tokens sampled per sequence")
     p.add_argument("--random-weights", action="store_true", help="throughput: sampling only, SmolLM2's shapes with "
                    "random weights (no model file needed)")
+    p.add_argument("--types", type=lambda v: v.split(","), default=list(TYPES),
+                   help=f"GGUF types to score (default: {','.join(TYPES)})")
     p.add_argument("--tools", type=Path, help="directory of llama.cpp's tools (default: transact-edge build-llama's)")
     a = p.parse_args()
     global TOOLS_DIR
