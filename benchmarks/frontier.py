@@ -233,7 +233,8 @@ def table(rows: list[dict], keys: list[str], fronts: dict[str, set[int]], picked
         if picked(i, r):
             lines.append(f"| {r['point']}{' *' if r.get('caveat') else ''} | {r['type']} | {r['bytes'] / 2**20:.1f} | "
                          + " | ".join(f"{r[k]:.1f}" for k in keys)
-                         + f" | {r['tg64_tok_s']:.0f} ({_host(r)}) | {', '.join(k[4:] for k in keys if i in fronts[k]) or '-'} |")
+                         + (f" | {r['tg64_tok_s']:.0f} ({_host(r)}) |" if "caveat_speed" not in r else " | - (machine busy) |")
+                         + f" {', '.join(k[4:] for k in keys if i in fronts[k]) or '-'} |")
     return lines
 
 
