@@ -102,3 +102,23 @@ def test_batch_too_large_names_the_largest_that_fits(tiny_llama_dir, tmp_path):
     assert not (tmp_path / "big").exists() and not list(tmp_path.glob(".big*"))
     r = _run([*args, "--out", str(tmp_path / "fits"), "--batch-size", m[1]], limit=6 << 30)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_teacher_samples_under_a_launcher_are_made_once_and_shared(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """Process 0 samples the `generated` source while the others wait, then every process reads its file;
+    the run equals one process's."""
+    from transact_edge import generate
+
+    gen = ["--train-data", "wiki@1,generated@1", "--gen-tokens", "512", "--gen-len", "32"]
+    monkeypatch.setattr(generate, "CACHE", tmp_path / "cache-one")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*PRUNE, *gen, "--model", str(tiny_llama_dir), "--out", str(one), "--batch-size", "2"]) == 0
+    r = _run([*PRUNE, *gen, "--model", str(tiny_llama_dir), "--out", str(two), "--batch-size", "1",
+              "--launcher", "torchrun", "--processes", "2"], env={"TRANSACT_EDGE_CACHE": str(tmp_path / "cache-two")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (json.loads((d / "transact.json").read_text()) for d in (one, two))
+    assert a["generated"]["sampled_tokens"] == b["generated"]["sampled_tokens"] == 512
+    assert len(list((tmp_path / "cache-two" / "generated").iterdir())) == 1
+    wa, wb = (load_file(d / "model.safetensors") for d in (one, two))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-4, rtol=1e-3, msg=k)

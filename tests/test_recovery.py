@@ -217,3 +217,17 @@ def test_a_mixture_with_teacher_samples_trains_and_reports_both_sources(tiny_lla
     assert set(data) == {"wiki", "generated"} and data["generated"]["weight"] == 0.75
     assert data["generated"]["tokens_read"] > data["wiki"]["tokens_read"] > 0
     assert len(list((tmp_path / "cache" / "generated").iterdir())) == 1
+
+
+def test_a_teacher_with_another_vocabulary_is_refused(tiny_llama_dir, tmp_path, tokenizer):
+    import transformers
+
+    from transact_edge.errors import UserError
+
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=1000)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    with pytest.raises(UserError, match="vocabulary of 1000 tokens, the student 49152"):
+        prune(_opts(tiny_llama_dir, tmp_path / "out", teacher=str(tmp_path / "teacher"), shots=1))
+    assert not (tmp_path / "out").exists()

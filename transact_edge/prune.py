@@ -244,6 +244,8 @@ def _prune(opts: PruneOptions, group: distributed.Group | None) -> dict:
     if opts.train_tokens > 0:
         t = time.perf_counter()
         teacher, data, val = _recovery_setup(opts, tok, train_ids, device, group, report)
+        if teacher is not None:
+            teacher.check_student(model)  # before any shot, not after the first one
         if "data" in state:
             data.restore(state["data"])
         seconds["recovery_setup"] = time.perf_counter() - t
