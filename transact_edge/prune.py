@@ -155,13 +155,14 @@ def _needs_teacher(opts: PruneOptions, sources: list[traindata.Source]) -> bool:
     return opts.train_tokens > 0 and (opts.recovery == "kd" or any(s.name == traindata.GENERATED for s in sources))
 
 
-def _recovery_setup(opts: PruneOptions, tok, calib_ids: torch.Tensor, device: torch.device,
+def _recovery_setup(opts: PruneOptions, student, tok, calib_ids: torch.Tensor, device: torch.device,
                     group: distributed.Group | None, report: dict):
     """The teacher (frozen, once per process), the training mixture and the held-apart validation windows."""
     sources = traindata.parse(opts.train_data or opts.calib)
     teacher = None
     if _needs_teacher(opts, sources):
         teacher = distill.Teacher(load(opts.teacher or opts.model).model, device)
+        teacher.check_student(student)  # before any shot or sampling, not after the first one
     streams = []
     for src in sources:
         if src.name == traindata.GENERATED:
@@ -243,9 +244,7 @@ def _prune(opts: PruneOptions, group: distributed.Group | None) -> dict:
     teacher = data = val = None
     if opts.train_tokens > 0:
         t = time.perf_counter()
-        teacher, data, val = _recovery_setup(opts, tok, train_ids, device, group, report)
-        if teacher is not None:
-            teacher.check_student(model)  # before any shot, not after the first one
+        teacher, data, val = _recovery_setup(opts, model, tok, train_ids, device, group, report)
         if "data" in state:
             data.restore(state["data"])
         seconds["recovery_setup"] = time.perf_counter() - t
