@@ -231,3 +231,16 @@ def test_a_teacher_with_another_vocabulary_is_refused(tiny_llama_dir, tmp_path, 
     with pytest.raises(UserError, match="vocabulary of 1000 tokens, the student 49152"):
         prune(_opts(tiny_llama_dir, tmp_path / "out", teacher=str(tmp_path / "teacher"), shots=1))
     assert not (tmp_path / "out").exists()
+
+
+def test_prune_says_how_often_each_source_was_read(tiny_llama_dir, tmp_path, capsys):
+    from transact_edge.cli import main
+
+    text = tmp_path / "small.txt"
+    text.write_text("".join(f"line {i} of a small text\n" for i in range(300)))  # ~2.4K tokens: epochs repeat
+    assert main(["prune", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "o"), "--kv-heads", "1",
+                 "--mlp", "64", "--train-tokens", "8192", "--train-data", str(text), "--calib-samples", "2",
+                 "--seq-len", "64", "--batch-size", "4", "--device", "cpu", "--val-windows", "1"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("recovery (kd) read:"))
+    epochs = float(line.split("(")[-1].split()[0])
+    assert f"{text} 8,192 tokens" in line and epochs > 2

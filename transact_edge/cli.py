@@ -117,6 +117,9 @@ def cmd_prune(a: argparse.Namespace) -> int:
     report = prune(opts)
     if os.environ.get("RANK", "0") == "0":  # under a launcher, process 0 speaks for all
         print(_summary_table({"dense": report["dense"], "pruned": report["pruned"]}, report))
+        data = _data_line(report)
+        if data:
+            print(data)
         print(f"wrote {a.out}")
     return 0
 
@@ -137,6 +140,16 @@ def _summary_table(rows: dict, report: dict) -> str:
         lines.append(f"\nperplexity protocol: {ppl['text']}, window {ppl['window']}, stride {ppl['stride']}, "
                      f"{ppl['tokens']} tokens scored")
     return "\n".join(lines)
+
+
+def _data_line(report: dict) -> str | None:
+    """How much of each recovery source was read: repeated epochs are where LM loss memorises."""
+    recovered = [s["recovery"] for s in report["shots"] if s.get("recovery", {}).get("data")]
+    if not recovered:
+        return None
+    parts = [f"{d['source']} {d['tokens_read']:,} tokens" + (f" ({d['epochs']:.1f} epochs)" if d["epochs"] else "")
+             for d in recovered[-1]["data"]]
+    return f"recovery ({recovered[-1]['loss']}) read: " + ", ".join(parts)
 
 
 def cmd_eval(a: argparse.Namespace) -> int:

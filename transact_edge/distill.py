@@ -42,8 +42,9 @@ def check(opts: LossOptions) -> None:
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Forward KL(teacher || student) per token at `temperature`, times T^2. Logits (..., V)."""
-    s = F.log_softmax(student.float() / temperature, dim=-1).flatten(0, -2)  # (N, V)
-    t = F.log_softmax(teacher.float() / temperature, dim=-1).flatten(0, -2)  # (N, V)
+    scale = (lambda x: x) if temperature == 1.0 else (lambda x: x / temperature)  # T = 1: no extra (N, V) pass
+    s = F.log_softmax(scale(student.float()), dim=-1).flatten(0, -2)  # (N, V)
+    t = F.log_softmax(scale(teacher.float()), dim=-1).flatten(0, -2)  # (N, V)
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
 
 

@@ -32,7 +32,7 @@ from .errors import UserError
 GENERATED = "generated"
 DOC_BATCH = 64              # documents tokenized at once
 BLOCK_TOKENS = 1 << 20      # windows are shuffled within blocks of about this many tokens
-TXT_CHUNK = 1 << 16         # a .txt file is read in chunks of about 64 KiB, cut at a line end
+TXT_CHUNK = 1 << 12         # a .txt file is read in chunks of about 4 KiB, cut at a line end
 
 
 @dataclass(frozen=True)
@@ -211,7 +211,7 @@ class TokenStream:
             if len(windows) == 0:  # the end of the source: the next epoch starts
                 if wrapped:
                     raise UserError(f"--train-data {self.name}: fewer than {self.seq_len} tokens after the "
-                                    "validation slice")
+                                    "validation slice (give more text, or --val-windows 0)")
                 if st["source_tokens"] is None:
                     st["source_tokens"] = st["epoch_tokens"]
                 st.update(epoch=st["epoch"] + 1, block=st["start"], i=0, epoch_tokens=0)
