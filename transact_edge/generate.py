@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .checkpoint import atomic_dir
 from .errors import UserError
 from .loading import CACHE
+from .shapes import head_dim, kv_bytes_per_token, layer_shapes
 
 log = logging.getLogger(__name__)
 TOKENS, META = "tokens.npy", "generated.json"
@@ -54,7 +55,7 @@ def check(opts: GenOptions) -> None:
     if opts.tokens < 1:
         raise UserError(f"--train-data generated needs --gen-tokens N > 0, got {opts.tokens}")
     if opts.prompt_len < 1 or opts.new_len < 1:
-        raise UserError("--gen-prompt-len and --gen-len must be at least 1")
+        raise UserError(f"--gen-len must be at least 1, got {opts.new_len}")
 
 
 def fingerprint(model: torch.nn.Module) -> str:
@@ -114,8 +115,7 @@ def auto_batch(model, length: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 16
     cfg = model.config
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    per_seq = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * hd * 2 * length  # K and V, bf16
+    per_seq = kv_bytes_per_token(layer_shapes(cfg), head_dim(cfg)) * length  # K and V, bf16
     per_seq += 4 * cfg.vocab_size * 3  # float32 logits, noise and scores of one step
     return max(1, min(8192, int(torch.cuda.mem_get_info(device)[0] * 0.5 // per_seq)))
 

@@ -124,10 +124,14 @@ def _last_shot(partial: Path, opts: PruneOptions) -> tuple[int, dict] | None:
     if not done:
         return None
     shot, path = done[-1]
-    state = json.loads((path / "state.json").read_text())
+    return shot, _same_run(json.loads((path / "state.json").read_text()), partial, opts)
+
+
+def _same_run(state: dict, partial: Path, opts: PruneOptions) -> dict:
+    """`state`, if the checkpoint it came from was written by a run with these options."""
     if state["options"] != opts.fingerprint():
         raise UserError(f"{partial}: checkpoints of a run with other options; drop --resume to start over")
-    return shot, state
+    return state
 
 
 def check(opts: PruneOptions, processes: int = 1) -> None:
@@ -345,9 +349,7 @@ def _live(partial: Path, opts: PruneOptions) -> tuple[int, dict] | None:
     path = partial / LIVE / "state.json"
     if not path.is_file():
         return None
-    state = json.loads(path.read_text())
-    if state["options"] != opts.fingerprint():
-        raise UserError(f"{partial}: checkpoints of a run with other options; drop --resume to start over")
+    state = _same_run(json.loads(path.read_text()), partial, opts)
     return state["shot"] - 1, state
 
 
