@@ -144,7 +144,7 @@ def _summary_table(rows: dict, report: dict) -> str:
 
 def _data_line(report: dict) -> str | None:
     """How much of each recovery source was read: repeated epochs are where LM loss memorises."""
-    recovered = [s["recovery"] for s in report["shots"] if s.get("recovery", {}).get("data")]
+    recovered = [s["recovery"] for s in report.get("shots", []) if s.get("recovery", {}).get("data")]
     if not recovered:
         return None
     parts = [f"{d['source']} {d['tokens_read']:,} tokens" + (f" ({d['epochs']:.1f} epochs)" if d["epochs"] else "")
