@@ -2,7 +2,7 @@
 baselines a user would reach for instead (the dense model at every type, depth pruning).
 
     python benchmarks/frontier.py point tx50-kd [--second-text lee_background.cor]   # one point, end to end
-    python benchmarks/frontier.py throughput        # teacher sampling new tok/s; KD vs LM step tok/s (GPU)
+    python benchmarks/frontier.py throughput --random-weights   # sampling new tok/s; KD vs LM step tok/s (GPU)
     python benchmarks/frontier.py report            # markdown table + plot with the Pareto front
 
 A point prunes SmolLM2-135M (prune(): 128 x 1024 calibration tokens, batch 32 x 1024, AdamW, bf16
@@ -163,55 +163,65 @@ def run_point(name: str, a) -> None:
 
 
 def throughput(a) -> None:
-    """Sampling new tok/s at several batch sizes, and KD vs LM training steps at the 50% widths."""
+    """Sampling new tok/s for each KV cache and batch; KD vs LM training steps at the 50% widths, with
+    the losses eager and fused (torch.compile), the teacher plain and compiled. One JSON file each."""
     import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from transact_edge import corpus, generate
     from transact_edge.distill import LossOptions, Teacher
     from transact_edge.loading import load
-    from transact_edge.plan import WidthRequest
-    from transact_edge.prune import PruneOptions, prune
     from transact_edge.recovery import RecoveryOptions, train
     from transact_edge.traindata import from_windows
 
-    dev = torch.device("cuda")
-    out: dict = {"machine": machine() | {"gpu": torch.cuda.get_device_name()}, "generation": []}
-    if a.random_weights:  # the speed of sampling does not depend on the weights' values
-        from transformers import LlamaConfig, LlamaForCausalLM
-
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    info = machine() | {"gpu": torch.cuda.get_device_name() if dev.type == "cuda" else None,
+                        "command": " ".join(sys.argv)}
+    if a.random_weights:  # the speed of sampling and of a step does not depend on the weights' values
         model = LlamaForCausalLM(LlamaConfig(**SMOLLM2)).to(dev)
         ids, eos = torch.randint(0, SMOLLM2["vocab_size"], (100_000,)), SMOLLM2["eos_token_id"]
-        out["weights"] = "random, SmolLM2-135M's config"
+        info["weights"] = "random, SmolLM2-135M's config"
     else:
         loaded = load(a.model)
         model, ids, eos = loaded.model, corpus.stream(loaded.tokenizer), loaded.tokenizer.eos_token_id
-    teacher = Teacher(model, dev)
-    for batch in a.gen_batches:
-        for cache, compiled in (("dynamic", False), ("static", True)) if a.compile else (("dynamic", False),):
+    gen_rows = []
+    for cache in a.gen_caches:
+        for batch in a.gen_batches:
             def opts(rounds: int):
                 return generate.GenOptions(tokens=batch * a.gen_len * rounds, new_len=a.gen_len, batch=batch,
-                                           compile=compiled, cache=cache)
-            generate.generate(teacher.model, ids, eos, opts(1))  # warm-up (and compile)
-            torch.cuda.synchronize()
-            _, stats = generate.generate(teacher.model, ids, eos, opts(3))
-            out["generation"].append({"cache": cache, "compile": compiled, "new_len": a.gen_len, **stats})
-            print(json.dumps(out["generation"][-1]), flush=True)
-    if a.random_weights:
-        (RESULTS / "generation_throughput.json").write_text(json.dumps(out, indent=1))
-        return
-    work = Path(tempfile.mkdtemp(prefix="frontier-tp-"))
-    prune(PruneOptions(model=a.model, out=work / "s", widths=WidthRequest(**WIDTHS["tx50"]), force=True, **CALIB))
+                                           cache=cache, compile=cache == "static")
+            generate.generate(model.bfloat16(), ids, eos, opts(1))  # warm-up (and compile)
+            torch.cuda.synchronize(dev) if dev.type == "cuda" else None
+            _, stats = generate.generate(model, ids, eos, opts(3))
+            gen_rows.append({"cache": cache, "compile": cache == "static", "new_len": a.gen_len, **stats})
+            print(json.dumps(gen_rows[-1]), flush=True)
+    (RESULTS / "generation_throughput.json").write_text(json.dumps({"machine": info, "rows": gen_rows}, indent=1))
+    # a student of the tx50 widths (uniform, so a plain Llama of that config): steps cost the same as a pruned one's
+    tx50 = WIDTHS["tx50"]
+    student_cfg = LlamaConfig(**SMOLLM2 | dict(num_attention_heads=tx50["heads"], num_key_value_heads=tx50["kv_heads"],
+                                               intermediate_size=tx50["mlp"]))
     windows = corpus.windows(ids, 1024, 32 * 24, seed=0)
-    for loss in ("lm", "kd", "lm", "kd"):  # twice: the first of each warms up
-        student = load(str(work / "s")).model.to(dev)
+    variants = [("lm", False, False), ("lm", True, False), ("kd", False, False), ("kd", True, False),
+                ("kd", True, True)]
+    teachers = {c: Teacher(LlamaForCausalLM(model.config).to(dev) if a.random_weights else load(a.model).model,
+                           dev, compile=c) for c in (False, True)}
+    rows = []
+    for loss, fused, compiled in variants * 2:  # twice: the first round warms up (and compiles)
+        torch.manual_seed(0)
+        student = LlamaForCausalLM(student_cfg).to(dev)
         t = time.perf_counter()
-        train(student, from_windows(windows), 24, RecoveryOptions(LossOptions(loss), 32, 1e-4),
-              teacher=teacher if loss == "kd" else None)
-        torch.cuda.synchronize()
-        out[f"{loss}_tok_s"] = windows.numel() / (time.perf_counter() - t)
-    out["kd_over_lm"] = out["kd_tok_s"] / out["lm_tok_s"]
-    print(json.dumps({k: v for k, v in out.items() if k != "machine"}), flush=True)
-    (RESULTS / "recovery_throughput.json").write_text(json.dumps(out, indent=1))
+        train(student, from_windows(windows), 24, RecoveryOptions(LossOptions(loss, compile=fused), 32, 1e-4),
+              teacher=teachers[compiled] if loss == "kd" else None)
+        torch.cuda.synchronize(dev) if dev.type == "cuda" else None
+        rows.append({"loss": loss, "fused_loss": fused, "compiled_teacher": compiled,
+                     "tok_s": windows.numel() / (time.perf_counter() - t)})
+    rows = rows[len(variants):]
+    best_lm = max(r["tok_s"] for r in rows if r["loss"] == "lm")
+    for r in rows:
+        r["over_best_lm"] = r["tok_s"] / best_lm
+        print(json.dumps(r), flush=True)
+    (RESULTS / "recovery_throughput.json").write_text(json.dumps({"machine": info, "batch": "32 x 1024", "steps": 24,
+                                                                  "rows": rows}, indent=1))
 
 
 def pareto(rows: list[dict], key: str) -> set[int]:
@@ -285,11 +295,12 @@ def main() -> None:
     p.add_argument("--chunks", type=int, default=64, help="llama-perplexity chunks of 512 tokens per text")
     p.add_argument("--threads", type=int, default=8)
     p.add_argument("--results", type=Path, default=RESULTS / "frontier.jsonl")
-    p.add_argument("--gen-batches", type=lambda s: [int(x) for x in s.split(",")], default=[256, 1024, 2048])
-    p.add_argument("--compile", action="store_true", help="also time the torch.compile'd decoding step")
+    p.add_argument("--gen-batches", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 8192])
+    p.add_argument("--gen-caches", type=lambda s: s.split(","), default=["preallocated", "dynamic"],
+                   help="KV caches to time sampling with (preallocated, dynamic, static: compiled)")
     p.add_argument("--gen-len", type=int, default=256, help="tokens sampled per sequence")
-    p.add_argument("--random-weights", action="store_true", help="throughput: sampling only, SmolLM2's shapes with "
-                   "random weights (no model file needed)")
+    p.add_argument("--random-weights", action="store_true", help="throughput: SmolLM2's shapes with random weights "
+                   "(no model file needed)")
     p.add_argument("--types", type=lambda v: v.split(","), default=list(TYPES),
                    help=f"GGUF types to score (default: {','.join(TYPES)})")
     p.add_argument("--tools", type=Path, help="directory of llama.cpp's tools (default: transact-edge build-llama's)")

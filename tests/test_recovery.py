@@ -27,6 +27,18 @@ def test_kd_loss_is_zero_for_the_same_logits_and_positive_otherwise():
     assert distill.kd_loss(logits, torch.randn(2, 5, 50), temperature=2.0).item() > 0
 
 
+def test_compiled_losses_match_eager_in_value_and_gradient():
+    """The fused (torch.compile) losses GPUs train with, compiled here on the CPU: same numbers."""
+    student, teacher, ids = torch.randn(2, 16, 300, requires_grad=True), torch.randn(2, 16, 300), torch.randint(0, 300, (2, 16))
+    for temperature in (1.0, 2.0):
+        eager = distill.kd_loss(student, teacher, temperature)
+        fused = distill._compiled(distill.kd_loss)(student, teacher, temperature)
+        (g_eager,), (g_fused,) = torch.autograd.grad(eager, student), torch.autograd.grad(fused, student)
+        assert torch.allclose(eager, fused, rtol=1e-5) and torch.allclose(g_eager, g_fused, atol=1e-8)
+    assert torch.allclose(distill.lm_loss(student, ids), distill._compiled(distill.lm_loss)(student, ids), rtol=1e-5)
+    assert distill.fused(distill.kd_loss, torch.device("cpu")) is distill.kd_loss  # the CPU runs them eagerly
+
+
 def test_kd_of_a_model_with_itself_is_zero_and_only_the_student_learns():
     student = tiny_model("llama").train()
     teacher = distill.Teacher(copy.deepcopy(student), torch.device("cpu"))
@@ -50,6 +62,10 @@ def test_generation_is_seeded_and_cached(tmp_path, monkeypatch):
     b, _ = generate.generate(model, ids, 2, opts)
     c, _ = generate.generate(model, ids, 2, generate.GenOptions(tokens=96, seed=4, new_len=12, batch=4))
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+    for cache in ("dynamic", "static"):  # the same samples through every KV cache
+        other, _ = generate.generate(model, ids, 2, generate.GenOptions(tokens=96, seed=3, new_len=12, batch=4,
+                                                                        cache=cache))
+        assert np.array_equal(a, other), cache
     assert stats["sampled_tokens"] == 96 and a.size == 8 * (16 + 12 + 1)  # prompt + samples + EOS per sequence
     rows = a.reshape(8, 29)
     assert (rows[:, -1] == 2).all()
