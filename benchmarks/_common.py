@@ -23,7 +23,7 @@ def machine() -> dict:
 
 
 def peak_rss_mib() -> float:
-    from transact_edge.devices.base import own_peak_rss_mib
+    from transact_edge.memory import own_peak_rss_mib
     return own_peak_rss_mib()
 
 

@@ -47,7 +47,7 @@ def test_two_processes_train_what_one_process_trains(launcher, sharding, tiny_ll
 
     a, b = (json.loads((d / "transact.json").read_text()) for d in (one, two))
     assert b["distributed"] == {"processes": 2, "backend": "gloo", "sharding": sharding}
-    assert a["kept"] == b["kept"]  # summed statistics: the same heads and channels
+    assert a["plan"] == b["plan"]  # summed statistics: the same heads and channels
     for sa, sb in zip(a["shots"], b["shots"]):
         assert sb["recovery"]["processes"] == 2
         assert sb["recovery"]["loss"] == "kd" and sb["recovery"]["teacher"]["placement"].startswith("a frozen replica")

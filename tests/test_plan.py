@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -77,8 +79,73 @@ def test_select_keeps_heads_evenly_inside_kept_groups():
         assert p.heads == sorted(p.heads) and p.channels == sorted(p.channels)
 
 
-def test_lineage_composes_indices_in_source_numbering():
-    lin = plan.Lineage.dense([LayerShape(6, 2, 8)])
+def test_plan_composes_indices_in_source_numbering():
+    lin = plan.Plan.dense([LayerShape(6, 2, 8)])
     lin.apply([plan.LayerPlan([1], [3, 5], [0, 2, 4, 6])])
     lin.apply([plan.LayerPlan([0], [1], [1, 3])])
     assert (lin.kv_heads, lin.heads, lin.channels) == ([[1]], [[5]], [[2, 6]])
+
+
+def test_plan_round_trips_through_json_and_reads_the_first_format(tmp_path):
+    kept = plan.Plan.dense([LayerShape(6, 2, 8)] * 3, {"model": "m", "model_type": "llama"}, {"seed": 3})
+    kept.drop_layers([1])
+    kept.apply([plan.LayerPlan([1], [3, 5], [0, 2]), plan.LayerPlan([0], [0], [7])])
+    back = plan.Plan.from_json(json.loads(json.dumps(kept.to_json())))
+    assert back == kept and back.dropped() == [1] and back.layers == [0, 2]
+    assert [p.shape for p in back.layer_plans()] == [LayerShape(2, 1, 2), LayerShape(1, 1, 1)]
+    old = {"format": "transact-edge/1", "source": {"model": "m", "path": "/m", "model_type": "llama"},
+           "options": {"metric": "acts", "shots": 2, "seed": 0, "per_layer": False},
+           "calibration": {"windows": 4}, "dense": {"layers": [LayerShape(6, 2, 8).as_dict()] * 2},
+           "kept": {"kv_heads": [[0], [1]], "heads": [[0, 1], [3, 4]], "channels": [[1], [2]],
+                    "numbering": "indices in the source model"}}
+    (tmp_path / "transact.json").write_text(json.dumps(old))
+    first = plan.Plan.load(tmp_path)  # a directory holding transact.json
+    assert first.layers == [0, 1] and first.heads == [[0, 1], [3, 4]] and first.made["shots"] == 2
+    first.check_source([LayerShape(6, 2, 8)] * 2, "x")
+    with pytest.raises(UserError, match="made for 2 layers of 6 heads / 2 KV heads / MLP 8, this model has 3"):
+        first.check_source([LayerShape(6, 2, 8)] * 3, "x")
+    with pytest.raises(UserError, match="newer"):
+        plan.Plan.from_json(kept.to_json() | {"version": 99})
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(UserError, match="not a transact-edge plan"):
+        plan.Plan.load(tmp_path / "bad.json")
+
+
+def test_prune_replays_a_plan_on_a_sibling_checkpoint(tiny_llama_dir, tmp_path, tokenizer, capsys):
+    """The base model's cut, applied to another checkpoint of the same shapes (an 'instruct sibling'),
+    without calibration: the same kept indices, and the sibling's own weights at those indices."""
+    from conftest import tiny_model
+
+    from transact_edge.cli import main
+    from transact_edge.loading import load
+    from transact_edge.surgery import cut
+
+    sibling = tmp_path / "sibling"
+    tiny_model("llama", seed=7).save_pretrained(sibling)
+    tokenizer.save_pretrained(sibling)
+    base = ["--kv-heads", "1", "--mlp-ratio", "0.5", "--calib-samples", "2", "--seq-len", "32"]
+    assert main(["prune", "--model", str(tiny_llama_dir), *base, "--drop-layers", "1", "--out", str(tmp_path / "a")]) == 0
+    made = json.loads((tmp_path / "a" / "transact.json").read_text())
+    assert made["format"] == "transact-edge/2" and made["plan"]["version"] == 1
+    assert main(["prune", "--model", str(sibling), "--plan", str(tmp_path / "a"), "--out", str(tmp_path / "b")]) == 0
+    replayed = json.loads((tmp_path / "b" / "transact.json").read_text())
+    for key in ("kv_heads", "heads", "channels", "layers"):
+        assert replayed["plan"][key] == made["plan"][key], key
+    assert replayed["shots"][0]["replayed"] and "salience" not in replayed["shots"][0]
+    assert replayed["replayed"]["made_from"] == str(tiny_llama_dir)
+    # the sibling's weights, cut by hand at the plan's indices
+    from transact_edge.depth import drop
+
+    want = drop(load(str(sibling)).model, plan.Plan.from_json(made["plan"]).dropped())
+    want = cut(want, plan.Plan.from_json(made["plan"]).layer_plans())
+    got = load(str(tmp_path / "b")).model
+    assert all(torch.equal(got.state_dict()[k], v) for k, v in want.state_dict().items())
+    # a plan of other shapes, or a plan next to widths, is one line and exit 2
+    capsys.readouterr()
+    assert main(["prune", "--model", str(tmp_path / "b"), "--plan", str(tmp_path / "a"), "--out", str(tmp_path / "c")]) == 2
+    assert "the plan was made for 3 layers" in capsys.readouterr().err
+    assert main(["prune", "--model", str(sibling), "--plan", str(tmp_path / "a"), "--kv-heads", "1",
+                 "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "--plan fixes what is kept; drop widths" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "c").exists()

@@ -47,8 +47,8 @@ def test_acceptance_command_and_plain_transformers_load(tmp_path):
                                                          {"n_head": 6, "n_kv_head": 2, "ffn_dim": 768}]
     assert report["dense"]["kv_bytes_per_token_f16"] == 30 * 2 * 3 * 64 * 2
     assert report["pruned"]["kv_bytes_per_token_f16"] == 30 * 2 * 2 * 64 * 2
-    assert all(len(k) == 2 for k in report["kept"]["kv_heads"])
-    assert all(len(c) == 768 and c == sorted(c) for c in report["kept"]["channels"])
+    assert all(len(k) == 2 for k in report["plan"]["kv_heads"])
+    assert all(len(c) == 768 and c == sorted(c) for c in report["plan"]["channels"])
     assert report["calibration"]["tokens"] == 16 * 256
 
 
@@ -110,7 +110,7 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch):
     assert not (tmp_path / "resumed").exists() and (tmp_path / ".resumed.partial" / "shot-1").is_dir()
     monkeypatch.setitem(salience.METRICS, "acts", real_acts)
     resumed = prune(_opts(tmp_path / "resumed", resume=True))
-    assert resumed["kept"] == full["kept"]
+    assert resumed["plan"] == full["plan"]
     a, b = load(str(tmp_path / "full")).model, load(str(tmp_path / "resumed")).model
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), ka

@@ -173,7 +173,7 @@ def test_kd_and_lm_recovery_report_what_they_did(tiny_llama_dir, tmp_path):
     assert rec["loss"] == "kd" and rec["teacher"]["params"] > 0 and rec["validation"]
     assert rec["data"][0]["source"] == "wiki" and rec["data"][0]["tokens_read"] > 0
     assert kd["shots"][0]["depth"]["dropped"] and kd["pruned"]["layers"].__len__() == 2
-    assert kd["kept"]["layers"] == [il for il in range(3) if il not in kd["shots"][0]["depth"]["dropped"]]
+    assert kd["plan"]["layers"] == [il for il in range(3) if il not in kd["shots"][0]["depth"]["dropped"]]
     # final: 20% / 80% of 768 tokens, in whole steps of 2 x 64 tokens (at least one)
     assert [s["recovery"]["tokens"] for s in kd["shots"]] == [128, 512]
     lm = prune(_opts(tiny_llama_dir, tmp_path / "lm", recovery="lm"))

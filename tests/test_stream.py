@@ -26,7 +26,7 @@ def test_streamed_prune_equals_in_memory(tiny_dir, tmp_path, per_layer):
     windows = corpus.windows(corpus.stream(load(str(tiny_dir)).tokenizer, "wiki", "train"), 32, 4)
     got = prune_streamed(tiny_dir, tmp_path / "streamed", widths, windows, batch_size=2, per_layer=per_layer)
     for key in ("kv_heads", "heads", "channels"):
-        assert got["kept"][key] == ref["kept"][key], key
+        assert got["plan"][key] == ref["plan"][key], key
     assert got["pruned"]["layers"] == ref["pruned"]["layers"]
     a, b = _weights(tmp_path / "mem"), _weights(tmp_path / "streamed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

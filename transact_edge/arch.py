@@ -38,7 +38,7 @@ PER_LAYER_PREFIX = "transact_"  # model_type of the per-layer-width variant of a
 
 def family_of(model_type: str) -> Family:
     """The family of a config.model_type, per-layer variants included."""
-    from .errors import UserError
+    from transact_edge.errors import UserError
 
     base = model_type.removeprefix(PER_LAYER_PREFIX)
     if base not in FAMILIES:

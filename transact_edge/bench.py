@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import llamabuild
-from .devices.base import own_peak_rss_mib
-from .errors import UserError
-from .ggufmap import read_header
+from transact_edge import llamabuild
+from transact_edge.memory import own_peak_rss_mib
+from transact_edge.errors import UserError
+from transact_edge.ggufmap import read_header
 
 MIB = 1024 * 1024
 RUNTIMES = ("llama.cpp", "onnxruntime", "torch")
@@ -157,8 +157,8 @@ def onnx_facts(path: Path) -> ModelFacts:
 
 
 def torch_facts(source: str) -> ModelFacts:
-    from .loading import read_config, resolve
-    from .shapes import head_dim, kv_bytes_per_token, layer_shapes
+    from transact_edge.loading import read_config, resolve
+    from transact_edge.shapes import head_dim, kv_bytes_per_token, layer_shapes
 
     config = read_config(source)
     path = resolve(source)
@@ -190,7 +190,7 @@ def facts(model: str, runtime: str) -> ModelFacts:
 
 class _LlamaCpp:
     def __init__(self, path: str, n_ctx: int, threads: int):
-        from .llamacpp import open_gguf
+        from transact_edge.llamacpp import open_gguf
         self.rt = open_gguf(Path(path), n_ctx=n_ctx, threads=threads, logits_all=False)
         self.kv = self.rt.kv_cache()
 
@@ -205,7 +205,7 @@ class _Ort:
     kv = None
 
     def __init__(self, path: str, n_ctx: int, threads: int):
-        from .ortruntime import OrtModel
+        from transact_edge.ortruntime import OrtModel
         self.model = OrtModel(Path(path), threads)
         self.past = self.model.empty_past(1)
 
@@ -223,7 +223,7 @@ class _Torch:
         import torch
         from transformers import DynamicCache
 
-        from .loading import load
+        from transact_edge.loading import load
         torch.set_num_threads(threads)
         self.torch, self.model, self.empty = torch, load(source).model.eval(), DynamicCache
         self.cache = DynamicCache()
@@ -289,7 +289,7 @@ class ModelRun:
 
 
 def _kv_from_log(text: str) -> dict | None:
-    from .llamacpp import KV_LINE
+    from transact_edge.llamacpp import KV_LINE
     found = [m for m in KV_LINE.finditer(text)]
     if not found:
         return None
@@ -333,7 +333,7 @@ def greedy_text(device, model: ModelFacts, n: int, threads: int) -> str:
     device, or by llama-cpp-python here when no native build exists."""
     binary = llamabuild.find(device.target, "llama-completion")
     if binary is None and device.name == "local":
-        from .llamacpp import open_gguf
+        from transact_edge.llamacpp import open_gguf
         rt = open_gguf(Path(model.path), n_ctx=512, threads=threads, logits_all=False)
         out = rt.llm.create_completion(GREEDY_PROMPT, max_tokens=n, temperature=0.0, top_k=1, seed=0)
         return out["choices"][0]["text"]
@@ -400,7 +400,7 @@ def run(models: list[str], runtime: str, tests: Tests, threads: int | None, reps
         r.results.sort(key=lambda x: (x["n_depth"], bool(x["n_prompt"]) and bool(x["n_gen"]), x["n_prompt"] == 0))
         r.rows = [_row(r, res, runtime, threads, bw, device.emulated) for res in r.results]
         if greedy and binary and device.name != "local":
-            from .devices import Local
+            from transact_edge.devices import Local
             there, here = greedy_text(device, f, greedy, threads), greedy_text(Local(), f, greedy, threads)
             r.greedy = {"tokens": greedy, "identical": there == here, "device": there, "local": here}
         runs.append(r)

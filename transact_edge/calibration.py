@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from . import memory
-from .distributed import quiet
+from transact_edge import memory
+from transact_edge.distributed import quiet
 
 
 @dataclass

@@ -13,9 +13,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UserError
+from transact_edge.errors import UserError
 
 REPORT = "transact.json"
+REPORT_FORMAT = "transact-edge/2"  # 2: what is kept as a replayable `plan` (plan.Plan); 1 had `kept`, still read
 
 
 def check_output(final: Path, force: bool) -> None:

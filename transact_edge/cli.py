@@ -12,8 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from .devices import PROFILES
-from .errors import UserError
+from transact_edge.devices import PROFILES
+from transact_edge.errors import UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,6 +40,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     w.add_argument("--mlp-ratio", type=float, help="fraction of MLP channels to keep, in (0, 1]")
     w.add_argument("--round-to", type=int, default=32, help="MLP widths in multiples of this (256 suits K-quants)")
     w.add_argument("--per-layer", action="store_true", help="let widths differ per layer (salience allocation)")
+    w.add_argument("--plan", metavar="TRANSACT_JSON", help="replay the cut recorded in a transact.json (or its "
+                   "directory) on this model of the same shapes: no calibration (e.g. base model's plan -> instruct)")
     w.add_argument("--metric", default="acts", help="what ranks heads and channels: acts (TransAct, default), "
                    "magnitude, taylor or random (baselines)")
     s = p.add_argument_group("schedule")
@@ -82,8 +84,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
 
 
 def _prune_options(a: argparse.Namespace):
-    from .plan import WidthRequest
-    from .prune import PruneOptions
+    from transact_edge.plan import WidthRequest
+    from transact_edge.prune import PruneOptions
 
     return PruneOptions(
         model=a.model, out=a.out,
@@ -95,7 +97,7 @@ def _prune_options(a: argparse.Namespace):
         checkpoint_minutes=a.checkpoint_minutes, drop_layers=a.drop_layers, calib=a.calib,
         calib_samples=a.calib_samples, seq_len=a.seq_len, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
         eval=a.eval, eval_tokens=a.eval_tokens, resume=a.resume, force=a.force, device=a.device,
-        sharding=getattr(a, "sharding", "ddp"))
+        sharding=getattr(a, "sharding", "ddp"), plan=a.plan)
 
 
 def _gpus() -> int:
@@ -105,11 +107,11 @@ def _gpus() -> int:
 
 
 def cmd_prune(a: argparse.Namespace) -> int:
-    from .prune import check, prune
+    from transact_edge.prune import check, prune
 
     opts = _prune_options(a)
     if a.launcher:
-        from . import distributed
+        from transact_edge import distributed
 
         processes = a.processes or max(2, _gpus())
         check(opts, processes)  # bad options: one line here, not one traceback per process
@@ -153,9 +155,9 @@ def _data_line(report: dict) -> str | None:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from . import corpus
-    from .evaluate import perplexity
-    from .loading import load
+    from transact_edge import corpus
+    from transact_edge.evaluate import perplexity
+    from transact_edge.loading import load
 
     if not a.ppl and not a.lm_eval and not a.chat_agreement:
         raise UserError("eval: nothing to do; give --ppl, --lm-eval TASKS and/or --chat-agreement")
@@ -163,8 +165,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
         raise UserError(f"--lm-eval-include: no such directory: {a.lm_eval_include}")
     loaded = load(a.path)
     if a.chat_agreement:
-        from .chat import agreement
-        from .checkpoint import read_report
+        from transact_edge.chat import agreement
+        from transact_edge.checkpoint import read_report
 
         ref = a.chat_agreement if a.chat_agreement != "source" else (
             (read_report(Path(a.path)) or {}).get("source", {}).get("model") if Path(a.path).is_dir() else None)
@@ -175,7 +177,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         if not a.ppl and not a.lm_eval:
             return 0
     if a.lm_eval:
-        from . import lmeval
+        from transact_edge import lmeval
 
         _, table = lmeval.evaluate(loaded.model, loaded.tokenizer, [t for t in a.lm_eval.split(",") if t],
                                    a.lm_eval_limit, a.batch_size, a.lm_eval_include)
@@ -188,13 +190,13 @@ def cmd_eval(a: argparse.Namespace) -> int:
         ids, name = corpus.token_stream(loaded.tokenizer, corpus.read_texts(a.text)), a.text
     model = loaded.model
     if a.runtime == "onnxruntime":
-        from .ortruntime import OrtModel
+        from transact_edge.ortruntime import OrtModel
 
         if not a.onnx:
             raise UserError("--runtime onnxruntime needs --onnx FILE (the exported graph)")
         model = OrtModel(a.onnx).logits
     elif a.runtime == "llama.cpp":
-        from .llamacpp import open_gguf
+        from transact_edge.llamacpp import open_gguf
 
         if not a.gguf or not a.gguf.is_file():
             raise UserError("--runtime llama.cpp needs --gguf FILE (the exported GGUF)")
@@ -207,7 +209,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
-    from .inspect import as_json, describe, render
+    from transact_edge.inspect import as_json, describe, render
 
     info = describe(a.path, a.kv_ctx)
     print(as_json(info) if a.json else render(info))
@@ -215,15 +217,15 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from .loading import load
+    from transact_edge.loading import load
 
     if a.format == "gguf":
-        from .exporters.gguf import GGUFExportOptions, export, verify
+        from transact_edge.exporters.gguf import GGUFExportOptions, export, verify
 
         out = export(GGUFExportOptions(a.path, a.outtype or "f16", a.outfile))
         kind = a.outtype or "f16"
     elif a.format == "onnx":
-        from .exporters.onnx import ONNXExportOptions, export, verify
+        from transact_edge.exporters.onnx import ONNXExportOptions, export, verify
 
         out = export(ONNXExportOptions(a.path, a.outfile, a.dtype, a.quantize))
         kind = a.quantize or a.dtype
@@ -241,7 +243,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 def cmd_demo(a: argparse.Namespace) -> int:
     """The whole chain on the embedded model with a budget that fits a few minutes on 2 cores."""
-    from .prune import prune
+    from transact_edge.prune import prune
 
     opts = _prune_options(a)
     print(f"demo: pruning {opts.model} to {opts.widths.kv_heads} KV heads and MLP x{opts.widths.mlp_ratio} "
@@ -249,8 +251,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
     report = prune(opts)
     print(_summary_table({"dense": report["dense"], "pruned": report["pruned"]}, report))
 
-    from .exporters.gguf import GGUFExportOptions, export, verify
-    from .loading import load
+    from transact_edge.exporters.gguf import GGUFExportOptions, export, verify
+    from transact_edge.loading import load
 
     loaded = load(str(opts.out))
     print("\n| GGUF | MiB | top-1 vs torch | max abs diff | KL | ppl torch | ppl llama.cpp | check |\n|---|---:|---:|---:|---:|---:|---:|---|")
@@ -263,15 +265,15 @@ def cmd_demo(a: argparse.Namespace) -> int:
         print(f"| {path.name} | {path.stat().st_size / 2**20:.1f} | {100 * a.top1:.2f}% | {a.max_abs_diff:.3f} | "
               f"{a.kl:.5f} | {a.ppl_reference:.2f} | {a.ppl_other:.2f} | {'pass' if v.passed else 'FAIL'} ({v.rule}) |")
 
-    from .exporters import onnx
+    from transact_edge.exporters import onnx
 
     path = onnx.export(onnx.ONNXExportOptions(str(opts.out)))
     v = onnx.verify(path, loaded.model, loaded.tokenizer, "fp32")
     failed |= v.passed is False
     print(f"\n{path.name}: {v.line()}")
 
-    from . import bench
-    from .devices import Local
+    from transact_edge import bench
+    from transact_edge.devices import Local
 
     dense = export(GGUFExportOptions(opts.model, "q8_0", opts.out.parent / f"{opts.model}-q8_0.gguf"))
     print(f"\ndense vs pruned on this machine (transact-edge bench {dense.name} {ggufs['q8_0'].name} "
@@ -283,7 +285,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
     from importlib import resources
 
-    from .chat import agreement
+    from transact_edge.chat import agreement
 
     dense_model = load(opts.model).model
     print(f"\nthis run, chat: {agreement(loaded.model, dense_model, loaded.tokenizer).line()}")
@@ -295,8 +297,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    from . import bench
-    from .devices import open_device
+    from transact_edge import bench
+    from transact_edge.devices import open_device
 
     if a.profile and a.profile not in PROFILES:
         raise UserError(f"unknown profile {a.profile!r} (choose from {', '.join(PROFILES)})")
@@ -315,7 +317,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def cmd_build_llama(a: argparse.Namespace) -> int:
-    from . import llamabuild
+    from transact_edge import llamabuild
 
     out = llamabuild.build(a.target, a.ndk, a.jobs, a.force)
     print(f"llama.cpp {llamabuild.version()} ({a.target}): " + ", ".join(str(out / t) for t in (*llamabuild.TOOLS, "membw")))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from transact_edge.errors import UserError
 
 DEFAULT = "wiki"  # the shipped corpus
 

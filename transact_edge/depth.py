@@ -13,9 +13,9 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
-from .shapes import PER_LAYER_KEYS, layer_shapes
-from .surgery import assemble, config_for
+from transact_edge.errors import UserError
+from transact_edge.shapes import PER_LAYER_KEYS, layer_shapes
+from transact_edge.modeling import assemble, config_for
 
 
 @torch.no_grad()

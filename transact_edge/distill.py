@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from transact_edge.errors import UserError
 
 LOSSES = ("kd", "lm")
 

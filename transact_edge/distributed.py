@@ -25,7 +25,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from transact_edge.errors import UserError
 
 # launcher -> (module that must be importable, how to install it, arguments before "-m transact_edge")
 LAUNCHERS = {
@@ -148,7 +148,7 @@ def unwrap(trained, sharding: str):
         return trained.module  # DDP shares the module's parameters
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from .surgery import assemble
+    from transact_edge.modeling import assemble
 
     sd = get_model_state_dict(trained, options=StateDictOptions(full_state_dict=True))
     buffers = dict(trained.named_buffers())

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .errors import UserError
+from transact_edge.errors import UserError
 
 
 @dataclass

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_dir
-from .errors import UserError
-from .loading import CACHE
-from .shapes import head_dim, kv_bytes_per_token, layer_shapes
+from transact_edge.checkpoint import atomic_dir
+from transact_edge.errors import UserError
+from transact_edge.loading import CACHE
+from transact_edge.shapes import head_dim, kv_bytes_per_token, layer_shapes
 
 log = logging.getLogger(__name__)
 TOKENS, META = "tokens.npy", "generated.json"

@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoint import read_report
-from .loading import check_gguf, check_hf_dir, resolve
-from .shapes import LayerShape, head_dim, kv_bytes_per_token, layer_shapes
+from transact_edge.checkpoint import read_report
+from transact_edge.loading import check_gguf, check_hf_dir, resolve
+from transact_edge.shapes import LayerShape, head_dim, kv_bytes_per_token, layer_shapes
 
 
 def _gguf(path: Path) -> dict:
@@ -34,7 +34,7 @@ def _hf(path: Path) -> dict:
     from safetensors import safe_open
     from transformers import AutoConfig
 
-    from . import modeling  # noqa: F401  (per-layer configs)
+    from transact_edge import modeling  # noqa: F401  (per-layer configs)
 
     check_hf_dir(path)
     config = AutoConfig.from_pretrained(path)
@@ -61,7 +61,7 @@ def describe(source: str, kv_ctx: int = 0) -> dict:
     info = _gguf(path) if path.is_file() else _hf(path)
     info["kv_bytes_per_token_f16"] = kv_bytes_per_token(info["shapes"], info["head_dim"])
     if path.is_file() and kv_ctx > 0:
-        from .llamacpp import open_gguf
+        from transact_edge.llamacpp import open_gguf
 
         rt = open_gguf(path, n_ctx=kv_ctx, flash_attn=True)
         info["llama_cpp_kv"] = rt.kv_cache() | {"n_ctx": kv_ctx,

@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from transact_edge.errors import UserError
 
 TOOLS = ("llama-bench", "llama-completion", "llama-perplexity", "llama-quantize")
 # These VMs advertise AMX but fault on its instructions (SIGILL in ggml's tileloadd); the README

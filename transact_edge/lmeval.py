@@ -16,7 +16,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from .errors import UserError
+from transact_edge.errors import UserError
 
 LOCAL_TASK = "transact_wiki_lastword"
 TASK_YAML = """task: {name}
@@ -40,7 +40,7 @@ metric_list:
 
 def _lastword_docs(n: int = 500) -> list[dict]:
     """(context, last word) pairs from sentences of the held-out pages, deterministic."""
-    from .corpus import default_texts
+    from transact_edge.corpus import default_texts
 
     docs = []
     for page in default_texts("eval"):

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .arch import family_of
-from .errors import UserError
+from transact_edge.arch import family_of
+from transact_edge.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,9 @@ def _load_deci(path: Path, reader, dtype: torch.dtype):
     import gguf
     from transformers import PreTrainedTokenizerFast
 
-    from .ggufmap import CONFIG_KEYS, from_llama_cpp
-    from .modeling import PER_LAYER_CLASSES
-    from .shapes import GLOBAL_KEYS, PER_LAYER_KEYS, layer_shapes
+    from transact_edge.ggufmap import CONFIG_KEYS, from_llama_cpp
+    from transact_edge.modeling import PER_LAYER_CLASSES
+    from transact_edge.shapes import GLOBAL_KEYS, PER_LAYER_KEYS, layer_shapes
 
     value = lambda key: reader.get_field(key).contents() if reader.get_field(key) else None  # noqa: E731
     d = {hf: value(f"deci.{key}") for hf, key in CONFIG_KEYS.items()}
@@ -130,7 +130,7 @@ def _load_deci(path: Path, reader, dtype: torch.dtype):
 def _load_gguf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .ggufmap import PER_LAYER_ARCH
+    from transact_edge.ggufmap import PER_LAYER_ARCH
 
     arch, reader = check_gguf(path)  # parsed once: GGUFReader takes seconds on a large vocabulary
     if arch == PER_LAYER_ARCH:
@@ -185,7 +185,7 @@ def read_config(source: str):
     """The config of a directory or embedded model without reading weights; None for GGUF files."""
     from transformers import AutoConfig
 
-    from . import modeling  # noqa: F401
+    from transact_edge import modeling  # noqa: F401
 
     path = resolve(source)
     if path.is_file():
@@ -198,7 +198,7 @@ def load(source: str, dtype: torch.dtype = torch.float32) -> Loaded:
     """Model (eval mode) and tokenizer from a directory, a .gguf file, or an embedded name."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import modeling  # noqa: F401  (registers per-layer classes with the Auto classes)
+    from transact_edge import modeling  # noqa: F401  (registers per-layer classes with the Auto classes)
 
     path = resolve(source)
     if path.is_file():

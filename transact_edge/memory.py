@@ -1,4 +1,5 @@
-"""Out of memory -> the largest batch that fits, found by trying, instead of a crash.
+"""Memory: out of memory -> the largest batch that fits, found by trying, instead of a crash; and
+this process's peak resident set.
 
 When a batch does not fit (CUDA's OutOfMemoryError, or the CPU allocator's failure under a memory
 limit), the step's tensors are released and smaller batches are tried on the same windows, halving
@@ -13,7 +14,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from .errors import UserError
+from transact_edge.errors import UserError
 
 CPU_OOM = "DefaultCPUAllocator: can't allocate memory"
 T = TypeVar("T")
@@ -70,3 +71,9 @@ def guarded(run: Callable[[], T], step: Callable[[int], None], what: str, batch:
             raise
     release()  # the failed step's tensors went with the exception
     raise too_big(what, batch, seq_len, device, largest_batch(step, batch))
+
+
+def own_peak_rss_mib() -> float:
+    """This process's peak RSS since its exec (VmHWM; getrusage would include a forking parent's)."""
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024

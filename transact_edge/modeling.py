@@ -4,17 +4,23 @@ A TransAct model with the same widths in every layer is a stock Llama/Mistral/Qw
 nothing from here. When widths differ per layer (`--per-layer`), the config carries per-layer
 lists (shapes.PER_LAYER_KEYS) and the model class below builds each layer's attention and MLP
 with that layer's sizes; the forward pass is the family's own, unchanged. Importing
-`transact_edge` registers these classes with the transformers Auto classes.
+`transact_edge.modeling` registers these classes with the transformers Auto classes; the model
+skeleton, the config for given widths and `assemble` (tensors into a model) live here too.
 """
 from __future__ import annotations
 
 import copy
+import logging
 
+import torch
 import transformers
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .arch import FAMILIES, PER_LAYER_PREFIX
-from .shapes import GLOBAL_KEYS, PER_LAYER_KEYS, layer_shapes
+from transact_edge.arch import FAMILIES, PER_LAYER_PREFIX, family_of
+from transact_edge.shapes import GLOBAL_KEYS, PER_LAYER_KEYS, LayerShape, head_dim, is_uniform, layer_shapes
+
+log = logging.getLogger(__name__)
 
 
 def _layer_config(config, il: int):
@@ -66,3 +72,54 @@ def _make_classes(family) -> tuple[type, type]:
 
 
 PER_LAYER_CLASSES: dict[str, tuple[type, type]] = {name: _make_classes(f) for name, f in FAMILIES.items()}
+
+
+def config_for(config, shapes: list[LayerShape]):
+    """A stock family config when widths are uniform, else the per-layer variant."""
+    family = family_of(config.model_type)
+    d = config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", *PER_LAYER_KEYS.values()):
+        d.pop(key, None)
+    d["head_dim"] = head_dim(config)  # explicit: no longer hidden_size / num_attention_heads
+    for field, key in GLOBAL_KEYS.items():
+        d[key] = max(getattr(s, field) for s in shapes)
+    cfg = None
+    if is_uniform(shapes):
+        try:
+            cfg = getattr(transformers, family.config_class)(**d)
+        except StrictDataclassClassValidationError:
+            # e.g. transformers' LlamaConfig insists that n_head divides hidden_size, which pruned
+            # widths need not do: such a model is saved as the per-layer variant (same weights).
+            log.warning("the stock %s refuses these widths; saving as the per-layer variant", family.config_class)
+    if cfg is None:
+        for field, key in PER_LAYER_KEYS.items():
+            d[key] = [getattr(s, field) for s in shapes]
+        cfg = PER_LAYER_CLASSES[family.model_type][0](**d)
+    cfg._attn_implementation = config._attn_implementation
+    return cfg
+
+
+def model_class(config):
+    family = family_of(config.model_type)
+    if config.model_type == family.model_type:
+        return getattr(transformers, family.model_class)
+    return PER_LAYER_CLASSES[family.model_type][1]
+
+
+def skeleton(config):
+    """A model of `config` on the meta device: its structure without memory, for weights to be assigned."""
+    with torch.device("meta"):
+        return model_class(config)(config)
+
+
+def assemble(cfg, sd: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], training: bool = False):
+    """A model of `cfg`'s class holding the tensors of `sd` (no copy) and the non-persistent buffers."""
+    new = skeleton(cfg)
+    new.load_state_dict(sd, strict=True, assign=True)
+    for name, buf in buffers.items():  # rotary tables etc.: not in the state dict, unchanged by pruning
+        owner, _, leaf = name.rpartition(".")
+        new.get_submodule(owner).register_buffer(leaf, buf, persistent=False)
+    new.tie_weights()
+    new.to(sd["model.embed_tokens.weight"].device)
+    new.train(training)
+    return new

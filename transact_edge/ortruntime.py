@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
+from transact_edge.errors import UserError
 
 
 class OrtModel:

@@ -14,14 +14,16 @@ uniform width (never more than it has, never less than one unit).
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .salience import Scores
-from .shapes import LayerShape
+from transact_edge.errors import UserError
+from transact_edge.salience import Scores
+from transact_edge.shapes import LayerShape
 
 
 @dataclass(frozen=True)
@@ -163,18 +165,23 @@ def select(scores: Scores, shapes: list[LayerShape], new: list[LayerShape]) -> l
 
 
 @dataclass
-class Lineage:
-    """Kept indices of every layer in the *original* model's numbering, composed across shots."""
+class Plan:
+    """What a prune keeps, in the source model's numbering, composed across shots: per layer the kept
+    KV heads, query heads and MLP channels, and the kept decoder layers. With where it came from (the
+    source's dense shapes, which the indices number) and how it was chosen, it replays: `prune --plan
+    transact.json` cuts another checkpoint of the same shapes identically, without calibration."""
     kv_heads: list[list[int]]
     heads: list[list[int]]
     channels: list[list[int]]
-    shots: list[dict] = field(default_factory=list)
-    layers: list[int] | None = None   # kept decoder layers (None: all), after --drop-layers
+    layers: list[int]                                   # kept decoder layers of the source
+    source: dict = field(default_factory=dict)          # model, model_type, layers (dense LayerShape dicts)
+    made: dict = field(default_factory=dict)            # metric, shots, seed, per_layer, calibration
 
     @classmethod
-    def dense(cls, shapes: list[LayerShape]) -> "Lineage":
+    def dense(cls, shapes: list[LayerShape], source: dict | None = None, made: dict | None = None) -> "Plan":
         return cls([list(range(s.n_kv_head)) for s in shapes], [list(range(s.n_head)) for s in shapes],
-                   [list(range(s.ffn_dim)) for s in shapes], layers=list(range(len(shapes))))
+                   [list(range(s.ffn_dim)) for s in shapes], list(range(len(shapes))),
+                   (source or {}) | {"layers": [s.as_dict() for s in shapes]}, made or {})
 
     def drop_layers(self, dropped: list[int]) -> None:
         """Forget the decoder layers `dropped` (numbered in the current model)."""
@@ -184,7 +191,63 @@ class Lineage:
         self.layers = [self.layers[il] for il in keep]
 
     def apply(self, plans: list[LayerPlan]) -> None:
+        """Compose one shot's cut (indices in the current numbering) into the source numbering."""
         for il, p in enumerate(plans):
             self.kv_heads[il] = [self.kv_heads[il][i] for i in p.kv_heads]
             self.heads[il] = [self.heads[il][i] for i in p.heads]
             self.channels[il] = [self.channels[il][i] for i in p.channels]
+
+    def dropped(self) -> list[int]:
+        """Source layers the plan removes."""
+        return [il for il in range(len(self.source["layers"])) if il not in set(self.layers)]
+
+    def layer_plans(self) -> list[LayerPlan]:
+        """The cut of the source model, once its dropped layers are gone, as one shot."""
+        return [LayerPlan(k, h, c) for k, h, c in zip(self.kv_heads, self.heads, self.channels)]
+
+    def check_source(self, shapes: list[LayerShape], where: str) -> None:
+        """Refuse a model whose dense shapes are not the ones the indices number."""
+        want = [LayerShape(**s) for s in self.source["layers"]]
+        if shapes != want:
+            raise UserError(f"{where}: the plan was made for {len(want)} layers of {_shapes_line(want)}, "
+                            f"this model has {len(shapes)} layers of {_shapes_line(shapes)}")
+
+    def to_json(self) -> dict:
+        return {"version": PLAN_VERSION, "numbering": "indices in the source model", **asdict(self)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Plan":
+        if d.get("version", PLAN_VERSION) > PLAN_VERSION:
+            raise UserError(f"plan version {d['version']} is newer than this transact-edge reads ({PLAN_VERSION})")
+        return cls(**{k: d[k] for k in ("kv_heads", "heads", "channels", "layers", "source", "made")})
+
+    @classmethod
+    def from_report(cls, report: dict) -> "Plan":
+        """The plan of a transact.json, also of the first format (then its `kept` section)."""
+        if "plan" in report:
+            return cls.from_json(report["plan"])
+        kept, dense = report["kept"], report["dense"]["layers"]
+        options = report.get("options", {})
+        return cls(kept["kv_heads"], kept["heads"], kept["channels"], kept.get("layers") or list(range(len(dense))),
+                   {k: report["source"].get(k) for k in ("model", "model_type")} | {"layers": dense},
+                   {k: options.get(k) for k in ("metric", "shots", "seed", "per_layer")}
+                   | {"calibration": report.get("calibration")})
+
+    @classmethod
+    def load(cls, path: Path) -> "Plan":
+        """The plan of a transact.json file, or of the directory holding one."""
+        file = path / "transact.json" if path.is_dir() else path
+        try:
+            return cls.from_report(json.loads(file.read_text()))
+        except FileNotFoundError:
+            raise UserError(f"--plan {path}: no such file (give a transact.json or the directory of one)") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"--plan {file}: not a transact-edge plan ({type(e).__name__}: {e})") from None
+
+
+PLAN_VERSION = 1
+
+
+def _shapes_line(shapes: list[LayerShape]) -> str:
+    distinct = sorted(set(shapes), key=lambda s: (s.n_head, s.ffn_dim))
+    return ", ".join(f"{s.n_head} heads / {s.n_kv_head} KV heads / MLP {s.ffn_dim}" for s in distinct)

@@ -24,10 +24,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from . import memory
-from .distill import LossOptions, Teacher, kd_loss, lm_loss, recovery_loss
-from .distributed import Group, quiet, unwrap, wrap
-from .traindata import Mixture
+from transact_edge import memory
+from transact_edge.distill import LossOptions, Teacher, kd_loss, lm_loss, recovery_loss
+from transact_edge.distributed import Group, quiet, unwrap, wrap
+from transact_edge.traindata import Mixture
 
 log = logging.getLogger(__name__)
 

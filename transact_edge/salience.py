@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .calibration import collect, weight_products
-from .shapes import LayerShape
+from transact_edge.calibration import collect, weight_products
+from transact_edge.shapes import LayerShape
 
 
 @dataclass

@@ -52,3 +52,16 @@ def kv_bytes_per_token(shapes: list[LayerShape], hd: int, bytes_per_elem: int = 
 def count_params(model: Any) -> int:
     """Parameters, a tied output head counted once."""
     return sum(p.numel() for p in model.parameters())
+
+
+def summary(shapes: list[LayerShape], hd: int, params: int) -> dict:
+    """A model's shapes as transact.json records them (dense and pruned, in memory and streamed)."""
+    return {"layers": [s.as_dict() for s in shapes], "uniform": is_uniform(shapes), "head_dim": hd, "params": params,
+            "kv_bytes_per_token_f16": kv_bytes_per_token(shapes, hd)}
+
+
+def widths_line(shapes: list[LayerShape]) -> str:
+    if is_uniform(shapes):
+        s = shapes[0]
+        return f"every layer: {s.n_head} heads / {s.n_kv_head} KV heads, MLP {s.ffn_dim}"
+    return "per layer: " + " ".join(f"{s.n_kv_head}/{s.n_head}/{s.ffn_dim}" for s in shapes) + " (kv/heads/mlp)"

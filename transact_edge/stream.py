@@ -21,13 +21,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from . import plan
-from .calibration import Stats, accumulator
-from .checkpoint import REPORT, atomic_dir
-from .devices.base import own_peak_rss_mib
-from .salience import from_stats
-from .shapes import LayerShape, count_params, head_dim, kv_bytes_per_token, layer_shapes
-from .surgery import cut_layer, config_for
+from transact_edge import plan
+from transact_edge.calibration import Stats, accumulator
+from transact_edge.checkpoint import REPORT, REPORT_FORMAT, atomic_dir
+from transact_edge.salience import from_stats
+from transact_edge.shapes import LayerShape, count_params, head_dim, layer_shapes, summary
+from transact_edge.memory import own_peak_rss_mib
+from transact_edge.modeling import config_for, skeleton
+from transact_edge.surgery import cut_layer
 
 log = logging.getLogger(__name__)
 SHARD_BYTES = 2 * 1024**3   # output shards of at most ~2 GiB, as save_pretrained writes them
@@ -59,21 +60,15 @@ class Weights:
 
 def _skeleton(config):
     """The model on the meta device (no memory) and a real rotary-embedding module."""
-    from .surgery import model_class
-
     config._attn_implementation = "sdpa"  # causal without a mask, as in the full model's forward
-    with torch.device("meta"):
-        model = model_class(config)(config)
+    model = skeleton(config)
     rotary = type(model.model.rotary_emb)(config=config)
     return model, rotary
 
 
 def _params(config) -> int:
     """Parameters of a model of this config, counted on the meta device (no memory)."""
-    from .surgery import model_class
-
-    with torch.device("meta"):
-        return count_params(model_class(config)(config))
+    return count_params(skeleton(config))
 
 
 def _load_layer(model, weights: Weights, il: int):
@@ -113,8 +108,9 @@ def collect_streamed(directory: Path, config, windows: torch.Tensor, batch_size:
     return Stats(mha, mlp, windows.numel())
 
 
-def write_pruned(directory: Path, out: Path, config, plans: list[plan.LayerPlan], report: dict) -> None:
-    """The pruned checkpoint, shard by shard, tokenizer and transact.json included (atomic)."""
+def write_pruned(directory: Path, out: Path, config, plans: list[plan.LayerPlan], report: dict, start: float) -> None:
+    """The pruned checkpoint, shard by shard, tokenizer and transact.json included (atomic; the report's
+    total time and peak memory are taken last, before the directory is published)."""
     from transformers import AutoTokenizer
 
     weights = Weights(directory)
@@ -152,6 +148,8 @@ def write_pruned(directory: Path, out: Path, config, plans: list[plan.LayerPlan]
             (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
         new_config.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(directory).save_pretrained(tmp)
+        report["seconds"]["total"] = time.perf_counter() - start
+        report["peak_rss_mib"] = own_peak_rss_mib()
         (tmp / REPORT).write_text(json.dumps(report, indent=1))
 
 
@@ -159,8 +157,6 @@ def prune_streamed(directory: Path, out: Path, widths: plan.WidthRequest, window
                    batch_size: int = 4, per_layer: bool = False) -> dict:
     """One TransAct shot over a checkpoint directory in bounded memory; returns transact.json."""
     from transformers import AutoConfig
-
-    from . import modeling  # noqa: F401  (per-layer configs)
 
     start = time.perf_counter()
     config = AutoConfig.from_pretrained(directory)
@@ -171,25 +167,20 @@ def prune_streamed(directory: Path, out: Path, widths: plan.WidthRequest, window
     scores = from_stats(stats, shapes)
     new = plan.per_layer_widths(scores, shapes, uniform, widths.round_to) if per_layer else [uniform] * len(shapes)
     plans = plan.select(scores, shapes, new)
-    lineage = plan.Lineage.dense(shapes)
-    lineage.apply(plans)
-    salience_seconds = time.perf_counter() - start
-    report = {"format": "transact-edge/1", "source": {"model": str(directory), "path": str(directory),
-                                                      "model_type": config.model_type},
+    kept = plan.Plan.dense(shapes, {"model": str(directory), "model_type": config.model_type},
+                           {"metric": "acts", "shots": 1, "seed": 0, "per_layer": per_layer,
+                            "calibration": {"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
+                                            "tokens": int(windows.numel())}})
+    kept.apply(plans)
+    hd, new = head_dim(config), [p.shape for p in plans]
+    report = {"format": REPORT_FORMAT, "source": {"model": str(directory), "path": str(directory),
+                                                  "model_type": config.model_type},
               "options": {"widths": widths.__dict__, "per_layer": per_layer, "shots": 1, "train_tokens": 0,
                           "metric": "acts", "streamed": True},
-              "calibration": {"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
-                              "tokens": int(windows.numel())},
-              "dense": {"layers": [s.as_dict() for s in shapes], "params": _params(config),
-                        "kv_bytes_per_token_f16": kv_bytes_per_token(shapes, head_dim(config))},
-              "pruned": {"layers": [p.shape.as_dict() for p in plans],
-                         "params": _params(config_for(config, [p.shape for p in plans])),
-                         "kv_bytes_per_token_f16": kv_bytes_per_token([p.shape for p in plans], head_dim(config))},
-              "kept": {"kv_heads": lineage.kv_heads, "heads": lineage.heads, "channels": lineage.channels,
-                       "numbering": "indices in the source model"}}
-    write_pruned(directory, out, config, plans, report)
-    report["seconds"] = {"salience": salience_seconds, "total": time.perf_counter() - start}
-    report["peak_rss_mib"] = own_peak_rss_mib()
-    (out / REPORT).write_text(json.dumps(report, indent=1))
+              "calibration": kept.made["calibration"],
+              "dense": summary(shapes, hd, _params(config)),
+              "pruned": summary(new, hd, _params(config_for(config, new))),
+              "plan": kept.to_json(), "seconds": {"salience": time.perf_counter() - start}}
+    write_pruned(directory, out, config, plans, report, start)
     log.info("streamed prune: %s", ", ".join(f"{LayerShape(**s)}" for s in report["pruned"]["layers"][:3]))
     return report

@@ -9,14 +9,12 @@ from __future__ import annotations
 import logging
 
 import torch
-import transformers
-from huggingface_hub.errors import StrictDataclassClassValidationError
 
-from .arch import HEAD_COLS, HEAD_ROWS, KV_ROWS, MLP_COLS, MLP_ROWS, family_of
-from .errors import UserError
-from .modeling import PER_LAYER_CLASSES
-from .plan import LayerPlan
-from .shapes import GLOBAL_KEYS, PER_LAYER_KEYS, LayerShape, head_dim, is_uniform, layer_shapes
+from transact_edge.arch import HEAD_COLS, HEAD_ROWS, KV_ROWS, MLP_COLS, MLP_ROWS
+from transact_edge.errors import UserError
+from transact_edge.modeling import assemble, config_for
+from transact_edge.plan import LayerPlan
+from transact_edge.shapes import LayerShape, head_dim, layer_shapes
 
 log = logging.getLogger(__name__)
 
@@ -55,38 +53,6 @@ def cut_layer(sd: dict, prefix: str, p: LayerPlan, hd: int) -> None:
                     sd[key] = sd[key].index_select(dim, idx.to(sd[key].device))
 
 
-def config_for(config, shapes: list[LayerShape]):
-    """A stock family config when widths are uniform, else the per-layer variant."""
-    family = family_of(config.model_type)
-    d = config.to_dict()
-    for key in ("model_type", "architectures", "transformers_version", *PER_LAYER_KEYS.values()):
-        d.pop(key, None)
-    d["head_dim"] = head_dim(config)  # explicit: no longer hidden_size / num_attention_heads
-    for field, key in GLOBAL_KEYS.items():
-        d[key] = max(getattr(s, field) for s in shapes)
-    cfg = None
-    if is_uniform(shapes):
-        try:
-            cfg = getattr(transformers, family.config_class)(**d)
-        except StrictDataclassClassValidationError:
-            # e.g. transformers' LlamaConfig insists that n_head divides hidden_size, which pruned
-            # widths need not do: such a model is saved as the per-layer variant (same weights).
-            log.warning("the stock %s refuses these widths; saving as the per-layer variant", family.config_class)
-    if cfg is None:
-        for field, key in PER_LAYER_KEYS.items():
-            d[key] = [getattr(s, field) for s in shapes]
-        cfg = PER_LAYER_CLASSES[family.model_type][0](**d)
-    cfg._attn_implementation = config._attn_implementation
-    return cfg
-
-
-def model_class(config):
-    family = family_of(config.model_type)
-    if config.model_type == family.model_type:
-        return getattr(transformers, family.model_class)
-    return PER_LAYER_CLASSES[family.model_type][1]
-
-
 def cut(model, plans: list[LayerPlan], consume: bool = False):
     """A new model holding only the planned heads and channels.
 
@@ -103,17 +69,3 @@ def cut(model, plans: list[LayerPlan], consume: bool = False):
         if consume:
             model.model.layers[il].to("meta")
     return assemble(config_for(model.config, [p.shape for p in plans]), sd, buffers, model.training)
-
-
-def assemble(cfg, sd: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], training: bool = False):
-    """A model of `cfg`'s class holding the tensors of `sd` (no copy) and the non-persistent buffers."""
-    with torch.device("meta"):
-        new = model_class(cfg)(cfg)
-    new.load_state_dict(sd, strict=True, assign=True)
-    for name, buf in buffers.items():  # rotary tables etc.: not in the state dict, unchanged by pruning
-        owner, _, leaf = name.rpartition(".")
-        new.get_submodule(owner).register_buffer(leaf, buf, persistent=False)
-    new.tie_weights()
-    new.to(sd["model.embed_tokens.weight"].device)
-    new.train(training)
-    return new

@@ -26,8 +26,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from . import corpus
-from .errors import UserError
+from transact_edge import corpus
+from transact_edge.errors import UserError
 
 GENERATED = "generated"
 DOC_BATCH = 64              # documents tokenized at once

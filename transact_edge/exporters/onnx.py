@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
-from ..loading import load, resolve
-from ..shapes import head_dim, layer_shapes
+from transact_edge.errors import UserError
+from transact_edge.loading import load, resolve
+from transact_edge.shapes import head_dim, layer_shapes
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -152,9 +152,9 @@ def _torch_greedy(model, prompt: torch.Tensor, n: int) -> list[int]:
 
 def verify(path: Path, model, tokenizer, kind: str, n_tokens: int = 256, n_generate: int = 32) -> ONNXVerification:
     """onnxruntime vs PyTorch: logits on held-out text and greedy continuation of its first 32 tokens."""
-    from .. import corpus
-    from ..compare import agreement
-    from ..ortruntime import OrtModel
+    from transact_edge import corpus
+    from transact_edge.compare import agreement
+    from transact_edge.ortruntime import OrtModel
 
     ids = corpus.stream(tokenizer, corpus.DEFAULT, "eval")[:n_tokens]
     ort = OrtModel(path)

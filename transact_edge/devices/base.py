@@ -28,12 +28,6 @@ class RunResult:
     peak_rss_mib: float | None      # of the process that ran (for qemu: the emulator)
 
 
-def own_peak_rss_mib() -> float:
-    """This process's peak RSS since its exec (VmHWM; getrusage would include a forking parent's)."""
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
-
-
 def unwrap(stdout: str, stderr: str) -> "RunResult | None":
     """The RunResult of a wrapped command, or None when its marked line is missing."""
     marks = MARK.findall(stderr)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import UserError
-from .base import Device, RunResult
-from .local import Local, Qemu
-from .remote import Adb, Ssh
+from transact_edge.errors import UserError
+from transact_edge.devices.base import Device, RunResult
+from transact_edge.devices.local import Local, Qemu
+from transact_edge.devices.remote import Adb, Ssh
 
 __all__ = ["Device", "RunResult", "PROFILES", "Profile", "open_device"]
 

@@ -6,8 +6,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from ..errors import UserError
-from .base import WRAPPER, Device, RunResult, unwrap
+from transact_edge.errors import UserError
+from transact_edge.devices.base import WRAPPER, Device, RunResult, unwrap
 
 
 class Local(Device):

@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..arch import family_of
-from ..checkpoint import read_report
-from ..errors import UserError
-from ..ggufmap import NORM_ROPE, PER_LAYER_ARCH, read_kv, to_llama_cpp
-from ..loading import EMBEDDED, embedded_gguf, read_config, resolve
-from ..shapes import head_dim, is_uniform, layer_shapes
+from transact_edge.arch import family_of
+from transact_edge.checkpoint import read_report
+from transact_edge.errors import UserError
+from transact_edge.ggufmap import NORM_ROPE, PER_LAYER_ARCH, read_kv, to_llama_cpp
+from transact_edge.loading import EMBEDDED, embedded_gguf, read_config, resolve
+from transact_edge.shapes import head_dim, is_uniform, layer_shapes
 
 log = logging.getLogger(__name__)
 
@@ -282,9 +282,9 @@ class Verification:
 
 def verify(gguf_path: Path, model, tokenizer, outtype: str, n_tokens: int = 512) -> Verification:
     """PyTorch vs llama.cpp on the first `n_tokens` of the held-out text."""
-    from .. import corpus
-    from ..compare import agreement
-    from ..llamacpp import open_gguf
+    from transact_edge import corpus
+    from transact_edge.compare import agreement
+    from transact_edge.llamacpp import open_gguf
 
     ids = corpus.stream(tokenizer, corpus.DEFAULT, "eval")[:n_tokens]
     with torch.inference_mode():

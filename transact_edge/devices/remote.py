@@ -12,8 +12,8 @@ import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..errors import UserError
-from .base import WRAPPER, Device, RunResult, unwrap
+from transact_edge.errors import UserError
+from transact_edge.devices.base import WRAPPER, Device, RunResult, unwrap
 
 TARGET_OF_MACHINE = {"aarch64": "aarch64-linux-gnu", "arm64": "aarch64-linux-gnu", "x86_64": "native"}
 
