@@ -34,12 +34,14 @@ def test_hooks_sum_squares_of_every_token_in_float64():
 
 def test_hooks_are_removed_after_an_error():
     model = tiny_model("llama")
+    hooked_modules = [m for l in model.model.layers for m in (l.self_attn.o_proj, l.mlp.down_proj)]
     try:
         with hooked(model):
+            assert all(len(m._forward_pre_hooks) == 1 for m in hooked_modules)  # the hooks were there
             raise RuntimeError("boom")
     except RuntimeError:
         pass
-    assert all(not l.self_attn.o_proj._forward_pre_hooks for l in model.model.layers)
+    assert all(not m._forward_pre_hooks for m in hooked_modules)
 
 
 def _shapes(model):

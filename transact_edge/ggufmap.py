@@ -43,17 +43,6 @@ def read_kv(path, prefix: str = "") -> list[tuple[str, object, int, int | None]]
     return [kv for kv in read_header(path)[0] if kv[0].startswith(prefix)]
 
 
-def tensor_bytes(path) -> dict[str, int]:
-    """Bytes each tensor occupies in the file, from the header alone."""
-    import gguf
-
-    out = {}
-    for name, shape, ttype in read_header(path)[1]:
-        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
-        out[name] = int(np.prod(shape)) // block * size
-    return out
-
-
 def read_header(path) -> tuple[list[tuple[str, object, int, int | None]], list[tuple[str, tuple[int, ...], int]]]:
     """All metadata (key, value, value type, array element type) and tensor infos (name, shape, type).
 

@@ -33,7 +33,6 @@ CACHE = Path(os.environ.get("TRANSACT_EDGE_CACHE", Path.home() / ".cache" / "tra
 class Loaded:
     model: torch.nn.Module
     tokenizer: object
-    source: str          # what the user named
     path: Path           # the directory or file actually read
 
 
@@ -208,4 +207,4 @@ def load(source: str, dtype: torch.dtype = torch.float32) -> Loaded:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
         tok = AutoTokenizer.from_pretrained(path)
     model.eval()
-    return Loaded(model, tok, source, path)
+    return Loaded(model, tok, path)

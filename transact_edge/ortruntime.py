@@ -49,20 +49,11 @@ class OrtModel:
         out, _ = self.forward(ids.numpy(), self.empty_past(ids.shape[0]))
         return torch.from_numpy(out.astype(np.float32))
 
-    def generate(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                 seed: int = 0, eos: int | None = None) -> Iterator[int]:
-        """Tokens one by one (streaming): greedy when temperature == 0, else sampled."""
-        rng = np.random.default_rng(seed)
+    def generate(self, prompt: list[int], max_new_tokens: int, eos: int | None = None) -> Iterator[int]:
+        """Greedy tokens one by one (streaming), through the graph's own KV cache."""
         logits, past = self.forward(np.array([prompt]), self.empty_past(1))
         for _ in range(max_new_tokens):
-            last = logits[0, -1].astype(np.float64)
-            if temperature > 0:
-                if top_k:
-                    last[last < np.sort(last)[-top_k]] = -np.inf
-                p = np.exp((last - last.max()) / temperature)
-                token = int(rng.choice(last.size, p=p / p.sum()))
-            else:
-                token = int(last.argmax())
+            token = int(logits[0, -1].argmax())
             yield token
             if token == eos:
                 return

@@ -22,9 +22,6 @@ class Remote(Device):
     base = "/tmp"
     workdir: str | None = None
 
-    def _client(self, args: list[str], timeout: float | None = None) -> subprocess.CompletedProcess:
-        raise NotImplementedError
-
     def _shell(self, command: str, timeout: float | None = None) -> subprocess.CompletedProcess:
         raise NotImplementedError
 

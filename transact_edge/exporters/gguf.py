@@ -50,7 +50,6 @@ class GGUFExportOptions:
     checkpoint: str                  # directory, or an embedded model name
     outtype: str = "f16"
     outfile: Path | None = None      # default: {name}-{outtype}.gguf beside the checkpoint
-    verify: bool = False
 
 
 def default_outfile(checkpoint: Path, outtype: str) -> Path:
