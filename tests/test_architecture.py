@@ -53,3 +53,18 @@ def test_help_imports_neither_torch_nor_transformers():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "HEAVY []" in done.stdout and "usage: transact-edge" in done.stdout
+
+
+def test_modules_and_functions_stay_short():
+    """Files that read top to bottom: no module over 400 lines, no function over 60."""
+    import ast
+
+    long = []
+    for f in sorted((ROOT / "transact_edge").rglob("*.py")):
+        src = f.read_text()
+        if len(src.splitlines()) > 400:
+            long.append(f"{f.relative_to(ROOT)}: {len(src.splitlines())} lines")
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{f.relative_to(ROOT)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not long, long

@@ -12,6 +12,8 @@ import mmap
 
 import numpy as np
 
+from transact_edge.shapes import LayerShape
+
 NORM_ROPE = {"llama", "deci"}     # architectures whose Q/K rows are permuted
 PER_LAYER_ARCH = "deci"           # the llama.cpp graph that honours per-layer head counts and FFN widths
 
@@ -43,6 +45,48 @@ def read_kv(path, prefix: str = "") -> list[tuple[str, object, int, int | None]]
     return [kv for kv in read_header(path)[0] if kv[0].startswith(prefix)]
 
 
+class _Cursor:
+    """Sequential reads of GGUF's little-endian header from a buffer."""
+
+    def __init__(self, buf: memoryview, pos: int):
+        self.buf, self.pos = buf, pos
+
+    def number(self, fmt: str):
+        v = np.frombuffer(self.buf, fmt, 1, self.pos)[0]
+        self.pos += np.dtype(fmt).itemsize
+        return v.item()
+
+    def string(self) -> str:
+        n = self.number("<u8")
+        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8")
+        self.pos += n
+        return s
+
+    def value(self, vtype: int):
+        import gguf
+
+        if vtype == gguf.GGUFValueType.STRING:
+            return self.string()
+        v = self.number(_NUMBERS[vtype])
+        return bool(v) if vtype == gguf.GGUFValueType.BOOL else v
+
+    def array(self, sub: int) -> list:
+        import gguf
+
+        n = self.number("<u8")
+        if sub == gguf.GGUFValueType.STRING:
+            return [self.string() for _ in range(n)]
+        dt = np.dtype(_NUMBERS[sub])
+        out = np.frombuffer(self.buf, dt, n, self.pos).tolist()
+        self.pos += n * dt.itemsize
+        return out
+
+
+# GGUFValueType -> numpy format (UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, UINT64, INT64, FLOAT64)
+_NUMBERS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
+            12: "<f8"}
+
+
 def read_header(path) -> tuple[list[tuple[str, object, int, int | None]], list[tuple[str, tuple[int, ...], int]]]:
     """All metadata (key, value, value type, array element type) and tensor infos (name, shape, type).
 
@@ -51,62 +95,42 @@ def read_header(path) -> tuple[list[tuple[str, object, int, int | None]], list[t
     """
     import gguf
 
-    sizes = {gguf.GGUFValueType.UINT8: "<u1", gguf.GGUFValueType.INT8: "<i1", gguf.GGUFValueType.UINT16: "<u2",
-             gguf.GGUFValueType.INT16: "<i2", gguf.GGUFValueType.UINT32: "<u4", gguf.GGUFValueType.INT32: "<i4",
-             gguf.GGUFValueType.FLOAT32: "<f4", gguf.GGUFValueType.BOOL: "<u1", gguf.GGUFValueType.UINT64: "<u8",
-             gguf.GGUFValueType.INT64: "<i8", gguf.GGUFValueType.FLOAT64: "<f8"}
     with open(path, "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # only the header's pages are read
     if mapped[:4] != b"GGUF":
         raise ValueError("not a GGUF file")
-    n_tensors = int(np.frombuffer(mapped, "<u8", 1, 8)[0])
-    n_kv = int(np.frombuffer(mapped, "<u8", 1, 16)[0])
-    buf = memoryview(mapped)
-    pos = 24
-
-    def u(fmt: str) -> int:
-        nonlocal pos
-        v = np.frombuffer(buf, fmt, 1, pos)[0]
-        pos += np.dtype(fmt).itemsize
-        return int(v)
-
-    def string() -> str:
-        nonlocal pos
-        n = u("<u8")
-        s = bytes(buf[pos:pos + n]).decode("utf-8")
-        pos += n
-        return s
-
-    def value(vtype):
-        nonlocal pos
-        if vtype == gguf.GGUFValueType.STRING:
-            return string()
-        dt = np.dtype(sizes[vtype])
-        v = np.frombuffer(buf, dt, 1, pos)[0]
-        pos += dt.itemsize
-        return bool(v) if vtype == gguf.GGUFValueType.BOOL else v.item()
-
+    c = _Cursor(memoryview(mapped), 8)
+    n_tensors, n_kv = c.number("<u8"), c.number("<u8")
     out = []
     for _ in range(n_kv):
-        key = string()
-        vtype = gguf.GGUFValueType(u("<u4"))
+        key, vtype = c.string(), gguf.GGUFValueType(c.number("<u4"))
         if vtype == gguf.GGUFValueType.ARRAY:
-            sub = gguf.GGUFValueType(u("<u4"))
-            n = u("<u8")
-            if sub == gguf.GGUFValueType.STRING:
-                val = [string() for _ in range(n)]
-            else:
-                dt = np.dtype(sizes[sub])
-                val = np.frombuffer(buf, dt, n, pos).tolist()
-                pos += n * dt.itemsize
-            out.append((key, val, vtype, sub))
+            sub = gguf.GGUFValueType(c.number("<u4"))
+            out.append((key, c.array(sub), vtype, sub))
         else:
-            out.append((key, value(vtype), vtype, None))
+            out.append((key, c.value(vtype), vtype, None))
     tensors = []
     for _ in range(n_tensors):
-        name = string()
-        shape = tuple(u("<u8") for _ in range(u("<u4")))
-        ttype = u("<u4")
-        u("<u8")  # data offset
-        tensors.append((name, shape, ttype))
+        name = c.string()
+        shape = tuple(c.number("<u8") for _ in range(c.number("<u4")))
+        tensors.append((name, shape, c.number("<u4")))
+        c.number("<u8")  # data offset
     return out, tensors
+
+
+def per_layer(meta: dict, arch: str, key: str, n_layer: int, default=None) -> list:
+    """A shape key as one value per layer: GGUF stores an array when layers differ (deci), else one number."""
+    v = meta.get(f"{arch}.{key}", default)
+    return list(v) if isinstance(v, list) else [v] * n_layer
+
+
+def layer_shapes(meta: dict) -> tuple[list[LayerShape], int, int]:
+    """Every layer's (n_head, n_kv_head, ffn_dim), and the K and V head sizes, from GGUF metadata."""
+    arch = meta["general.architecture"]
+    n_layer = meta[f"{arch}.block_count"]
+    n_head = per_layer(meta, arch, "attention.head_count", n_layer)
+    n_kv = per_layer(meta, arch, "attention.head_count_kv", n_layer, meta[f"{arch}.attention.head_count"])
+    ffn = per_layer(meta, arch, "feed_forward_length", n_layer)
+    hd = meta[f"{arch}.embedding_length"] // max(n_head)
+    k_len = meta.get(f"{arch}.attention.key_length", hd)
+    return ([LayerShape(*row) for row in zip(n_head, n_kv, ffn)], k_len, meta.get(f"{arch}.attention.value_length", k_len))

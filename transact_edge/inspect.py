@@ -4,30 +4,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from transact_edge.checkpoint import read_report
-from transact_edge.loading import check_gguf, check_hf_dir, resolve
-from transact_edge.shapes import LayerShape, head_dim, kv_bytes_per_token, layer_shapes
+from transact_edge.errors import UserError
+from transact_edge.ggufmap import layer_shapes as gguf_layer_shapes, read_header
+from transact_edge.loading import check_hf_dir, resolve
+from transact_edge.shapes import head_dim, kv_bytes_per_token, layer_shapes
 
 
 def _gguf(path: Path) -> dict:
-    arch, reader = check_gguf(path)
-
-    def field(key: str, default=None):
-        f = reader.get_field(f"{arch}.{key}")
-        return default if f is None else f.contents()
-
-    n_layer = field("block_count")
-    cols = {}
-    for name, key in (("n_head", "attention.head_count"), ("n_kv_head", "attention.head_count_kv"),
-                      ("ffn_dim", "feed_forward_length")):
-        v = field(key, cols.get("n_head"))
-        cols[name] = v if isinstance(v, list) else [v] * n_layer
-    n_head0 = max(cols["n_head"])
-    hd = field("attention.key_length") or field("embedding_length") // n_head0
-    shapes = [LayerShape(*row) for row in zip(cols["n_head"], cols["n_kv_head"], cols["ffn_dim"])]
-    transact = {f.name: f.contents() for f in reader.fields.values() if f.name.startswith("transact.")}
-    return {"path": str(path), "format": "gguf", "architecture": arch, "shapes": shapes, "head_dim": hd,
-            "params": int(sum(t.n_elements for t in reader.tensors)), "transact": transact or None}
+    try:
+        kv, tensors = read_header(path)  # the header alone: gguf.GGUFReader takes seconds on a large vocabulary
+        meta = {k: v for k, v, *_ in kv}
+        shapes, hd, _ = gguf_layer_shapes(meta)
+    except (ValueError, KeyError, OSError) as e:
+        raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    transact = {k: v for k, v in meta.items() if k.startswith("transact.")}
+    return {"path": str(path), "format": "gguf", "architecture": meta["general.architecture"], "shapes": shapes,
+            "head_dim": hd, "params": sum(int(np.prod(shape)) for _, shape, _ in tensors), "transact": transact or None}
 
 
 def _hf(path: Path) -> dict:

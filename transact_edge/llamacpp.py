@@ -22,6 +22,16 @@ KV_LINE = re.compile(r"llama_kv_cache: size =\s*([\d.]+) MiB \(\s*(\d+) cells.*K
                      r"V \((\w+)\):\s*([\d.]+) MiB")
 
 
+def kv_from_log(text: str) -> dict | None:
+    """The KV cache llama.cpp's log reports (the largest, when several contexts were made), or None."""
+    found = list(KV_LINE.finditer(text))
+    if not found:
+        return None
+    m = max(found, key=lambda m: int(m[2]))
+    return {"mib": float(m[1]), "cells": int(m[2]), "k_type": m[3], "k_mib": float(m[4]), "v_type": m[5],
+            "v_mib": float(m[6]), "v_padded": "padding V cache" in text}
+
+
 @dataclass
 class Runtime:
     llm: object                      # llama_cpp.Llama
@@ -29,12 +39,10 @@ class Runtime:
 
     def kv_cache(self) -> dict:
         """KV-cache size as llama.cpp reported it when the context was made."""
-        for line in self.log:
-            m = KV_LINE.search(line)
-            if m:
-                return {"mib": float(m[1]), "cells": int(m[2]), "k_type": m[3], "k_mib": float(m[4]),
-                        "v_type": m[5], "v_mib": float(m[6]), "v_padded": any("padding V cache" in l for l in self.log)}
-        raise RuntimeError("llama.cpp did not report a KV-cache size")
+        kv = kv_from_log("".join(self.log))
+        if kv is None:
+            raise RuntimeError("llama.cpp did not report a KV-cache size")
+        return kv
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         """(len(tokens), vocab) float32 logits of one sequence, evaluated from an empty cache."""

@@ -84,15 +84,17 @@ def _load_deci(path: Path, reader, dtype: torch.dtype):
     import gguf
     from transformers import PreTrainedTokenizerFast
 
-    from transact_edge.ggufmap import CONFIG_KEYS, from_llama_cpp
+    from transact_edge.ggufmap import CONFIG_KEYS, from_llama_cpp, layer_shapes
     from transact_edge.modeling import PER_LAYER_CLASSES
-    from transact_edge.shapes import GLOBAL_KEYS, PER_LAYER_KEYS, layer_shapes
+    from transact_edge.shapes import GLOBAL_KEYS, PER_LAYER_KEYS
 
     value = lambda key: reader.get_field(key).contents() if reader.get_field(key) else None  # noqa: E731
-    d = {hf: value(f"deci.{key}") for hf, key in CONFIG_KEYS.items()}
+    meta = {f"deci.{key}": value(f"deci.{key}") for key in CONFIG_KEYS.values()} | {"general.architecture": "deci"}
+    d = {hf: meta[f"deci.{key}"] for hf, key in CONFIG_KEYS.items()}
+    shapes, d["head_dim"], _ = layer_shapes(meta)
     for field, key in GLOBAL_KEYS.items():
-        per_layer = d[key] if isinstance(d[key], list) else [d[key]] * d["num_hidden_layers"]
-        d[PER_LAYER_KEYS[field]], d[key] = per_layer, max(per_layer)
+        d[PER_LAYER_KEYS[field]] = [getattr(s, field) for s in shapes]
+        d[key] = max(d[PER_LAYER_KEYS[field]])
     tensors = {t.name: t for t in reader.tensors}
     d |= {"vocab_size": len(value("tokenizer.ggml.tokens")), "tie_word_embeddings": "output.weight" not in tensors,
           "rope_parameters": {"rope_type": "default", "rope_theta": value("deci.rope.freq_base")},
@@ -106,7 +108,6 @@ def _load_deci(path: Path, reader, dtype: torch.dtype):
     with torch.device("meta"):
         model = model_cls(config)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DECI, config.num_hidden_layers)
-    shapes = layer_shapes(config)
     state = {}
     for key in model.state_dict():
         if key == "lm_head.weight" and config.tie_word_embeddings:

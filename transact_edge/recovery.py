@@ -97,118 +97,136 @@ def train(model, data: Mixture, steps: int, opts: RecoveryOptions, *, teacher: T
     `save(write)`: called every checkpoint_seconds (in every process, since gathering FSDP shards
     is collective); `write(dir)` fills a directory and is only called by the saver.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-
     if steps == 0:
         return model, {"steps": 0, "tokens": 0}
-    world = group.world if group is not None else 1
-    device = next(model.parameters()).device
     if teacher is not None:
         teacher.check_student(model)
-    net = wrap(model, sharding, group) if group is not None else model
-    optim = torch.optim.AdamW(net.parameters(), lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    sched = get_cosine_schedule_with_warmup(optim, num_warmup_steps=math.ceil(0.1 * steps), num_training_steps=steps)
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    record = {"steps": steps, "loss": opts.loss.kind, "losses": [], "validation": [], "seconds": 0.0}
-    done = 0
+    t = _Trainer(model, data, steps, opts, teacher, val, group, sharding, save)
     if resume is not None:
+        t.restore(resume)
+    t.net.train()
+    memory.guarded(lambda: t.run(desc), t.probe, "recovery training", opts.batch_size, data.seq_len, t.device)
+    return t.finish()
+
+
+class _Trainer:
+    """One recovery run: the wrapped student, AdamW and its schedule, the record, the checkpoint clock."""
+
+    def __init__(self, model, data: Mixture, steps: int, opts: RecoveryOptions, teacher: Teacher | None,
+                 val: torch.Tensor | None, group: Group | None, sharding: str, save):
+        self.data, self.steps, self.opts, self.teacher, self.val = data, steps, opts, teacher, val
+        self.group, self.sharding, self.save = group, sharding, save
+        self.world = group.world if group is not None else 1
+        self.device = next(model.parameters()).device
+        self.net = wrap(model, sharding, group) if group is not None else model
+        self.optim = torch.optim.AdamW(self.net.parameters(), lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.0)
+        self.sched = get_cosine_schedule_with_warmup(self.optim, num_warmup_steps=math.ceil(0.1 * steps),
+                                                     num_training_steps=steps)
+        self.record = {"steps": steps, "loss": opts.loss.kind, "losses": [], "validation": [], "seconds": 0.0}
+        self.done = 0
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        self.val_every = opts.val_every or max(1, steps // 20)
+
+    def restore(self, resume: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
         model_sd, optim_sd, state = load_state(resume)
-        set_state_dict(net, optim, model_state_dict=model_sd, optim_state_dict=optim_sd,
+        set_state_dict(self.net, self.optim, model_state_dict=model_sd, optim_state_dict=optim_sd,
                        options=StateDictOptions(full_state_dict=True))
-        done, record = state["step"], state["record"]
-        data.restore(state["data"])
-        for _ in range(done):
-            sched.step()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    val_every = opts.val_every or max(1, steps // 20)
+        self.done, self.record = state["step"], state["record"]
+        self.data.restore(state["data"])
+        for _ in range(self.done):
+            self.sched.step()
 
-    def batch() -> torch.Tensor:
-        windows = data.take(opts.batch_size * world)  # (B x world, T): every process draws the same
-        return (group.share(windows) if group is not None else windows).to(device)
+    def batch(self) -> torch.Tensor:
+        windows = self.data.take(self.opts.batch_size * self.world)  # (B x world, T): every process draws the same
+        return (self.group.share(windows) if self.group is not None else windows).to(self.device)
 
-    def step(ids: torch.Tensor) -> float:
-        with autocast:
-            loss = recovery_loss(net, ids, opts.loss, teacher)
+    def step(self, ids: torch.Tensor) -> float:
+        with self.autocast:
+            loss = recovery_loss(self.net, ids, self.opts.loss, self.teacher)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        optim.step()
-        optim.zero_grad(set_to_none=True)
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
+        self.optim.step()
+        self.optim.zero_grad(set_to_none=True)
         return loss.item()
 
     @torch.no_grad()
-    def validate() -> dict:
+    def validate(self) -> dict:
         """Mean LM loss (and KD loss) of the student on the held-apart windows."""
-        net.eval()
+        self.net.eval()
         lm = kd = 0.0
-        for ids in val.split(opts.batch_size):
-            ids = ids.to(device)
-            with autocast:
-                logits = net(input_ids=ids, use_cache=False).logits
+        for ids in self.val.split(self.opts.batch_size):
+            ids = ids.to(self.device)
+            with self.autocast:
+                logits = self.net(input_ids=ids, use_cache=False).logits
                 lm += lm_loss(logits, ids).item() * ids.shape[0]
-                if teacher is not None:
-                    kd += kd_loss(logits, teacher.logits(ids), opts.loss.temperature).item() * ids.shape[0]
-        net.train()
-        out = {"lm": lm / val.shape[0], "ppl": math.exp(lm / val.shape[0])}
-        return out | ({"kd": kd / val.shape[0]} if teacher is not None else {})
+                if self.teacher is not None:
+                    kd += kd_loss(logits, self.teacher.logits(ids), self.opts.loss.temperature).item() * ids.shape[0]
+        self.net.train()
+        n = self.val.shape[0]
+        return {"lm": lm / n, "ppl": math.exp(lm / n)} | ({"kd": kd / n} if self.teacher is not None else {})
 
-    def checkpoint() -> None:
-        model_sd, optim_sd = get_state_dict(net, optim, options=full)
-        state = {"step": done, "record": record, "data": data.state()}
-        save(lambda d: save_state(d, model_sd, optim_sd, state))
+    def checkpoint(self) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    def due(last: float) -> bool:
+        model_sd, optim_sd = get_state_dict(self.net, self.optim,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = {"step": self.done, "record": self.record, "data": self.data.state()}
+        self.save(lambda d: save_state(d, model_sd, optim_sd, state))
+
+    def due(self, last: float) -> bool:
         """Time for a checkpoint, as process 0's clock says (every process must agree)."""
-        flag = torch.tensor([time.monotonic() - last >= opts.checkpoint_seconds], device=device)
-        if group is not None:
+        flag = torch.tensor([time.monotonic() - last >= self.opts.checkpoint_seconds], device=self.device)
+        if self.group is not None:
             torch.distributed.broadcast(flag, src=0)
         return bool(flag.item())
 
-    def run() -> None:
-        nonlocal done
-        bar = tqdm(total=steps, initial=done, desc=desc, unit="step", leave=False, disable=quiet(group))
+    def run(self, desc: str) -> None:
+        bar = tqdm(total=self.steps, initial=self.done, desc=desc, unit="step", leave=False, disable=quiet(self.group))
         last, start = time.monotonic(), time.perf_counter()
-        while done < steps:
-            record["losses"].append(step(batch()))
-            sched.step()
-            done += 1
-            if val is not None and (done % val_every == 0 or done == steps):
-                record["validation"].append({"step": done} | validate())
-            post = {"loss": f"{record['losses'][-1]:.3f}", "lr": f"{sched.get_last_lr()[0]:.2e}"}
-            if record["validation"]:
-                post["val"] = f"{record['validation'][-1]['lm']:.3f}"
+        while self.done < self.steps:
+            self.record["losses"].append(self.step(self.batch()))
+            self.sched.step()
+            self.done += 1
+            if self.val is not None and (self.done % self.val_every == 0 or self.done == self.steps):
+                self.record["validation"].append({"step": self.done} | self.validate())
+            post = {"loss": f"{self.record['losses'][-1]:.3f}", "lr": f"{self.sched.get_last_lr()[0]:.2e}"}
+            if self.record["validation"]:
+                post["val"] = f"{self.record['validation'][-1]['lm']:.3f}"
             bar.set_postfix(post)
             bar.update()
-            if save is not None and done < steps and due(last):
-                record["seconds"] += time.perf_counter() - start
-                checkpoint()
+            if self.save is not None and self.done < self.steps and self.due(last):
+                self.record["seconds"] += time.perf_counter() - start
+                self.checkpoint()
                 last, start = time.monotonic(), time.perf_counter()
-        record["seconds"] += time.perf_counter() - start
+        self.record["seconds"] += time.perf_counter() - start
         bar.close()
 
-    def probe(b: int) -> None:
+    def probe(self, b: int) -> None:
         """Two whole steps at batch b: the second runs with AdamW's moments allocated, as training does.
         Only called on the way to an error, so the weights these steps change are never saved."""
-        ids = data.take(b).to(device)
+        ids = self.data.take(b).to(self.device)
         try:
-            step(ids)
-            step(ids)
+            self.step(ids)
+            self.step(ids)
         finally:
-            optim.zero_grad(set_to_none=True)
+            self.optim.zero_grad(set_to_none=True)
 
-    net.train()
-    memory.guarded(run, probe, "recovery training", opts.batch_size, data.seq_len, device)
-    net.eval()
-    model = unwrap(net, sharding) if group is not None else net
-    tokens = steps * opts.batch_size * world * data.seq_len
-    losses = record.pop("losses")
-    record |= {"tokens": tokens, "loss_first": losses[0], "loss_last": losses[-1],
-               "loss_curve": losses[:: max(1, len(losses) // 50)],
-               "tokens_per_s": tokens / record["seconds"] if record["seconds"] else None,
-               "processes": world, "sharding": sharding if group is not None else None,
-               "data": data.report()}
-    if teacher is not None:
-        record["teacher"] = {"params": teacher.params, "bytes_per_process": teacher.bytes, "placement":
-                             "a frozen replica in every process" if group is not None else "one frozen copy"}
-    log.info("recovery (%s): %d steps, %d tokens, loss %.3f -> %.3f", opts.loss.kind, steps, tokens,
-             losses[0], losses[-1])
-    return model, record
+    def finish(self):
+        """The student (unwrapped) and the record of the run."""
+        self.net.eval()
+        model = unwrap(self.net, self.sharding) if self.group is not None else self.net
+        record, tokens = self.record, self.steps * self.opts.batch_size * self.world * self.data.seq_len
+        losses = record.pop("losses")
+        record |= {"tokens": tokens, "loss_first": losses[0], "loss_last": losses[-1],
+                   "loss_curve": losses[:: max(1, len(losses) // 50)],
+                   "tokens_per_s": tokens / record["seconds"] if record["seconds"] else None,
+                   "processes": self.world, "sharding": self.sharding if self.group is not None else None,
+                   "data": self.data.report()}
+        if self.teacher is not None:
+            record["teacher"] = {"params": self.teacher.params, "bytes_per_process": self.teacher.bytes, "placement":
+                                 "a frozen replica in every process" if self.group is not None else "one frozen copy"}
+        log.info("recovery (%s): %d steps, %d tokens, loss %.3f -> %.3f", self.opts.loss.kind, self.steps, tokens,
+                 losses[0], losses[-1])
+        return model, record

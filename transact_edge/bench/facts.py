@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from transact_edge.errors import UserError
-from transact_edge.ggufmap import read_header
+from transact_edge.ggufmap import layer_shapes, read_header
 
 MIB = 1024 * 1024
 
@@ -32,18 +32,7 @@ def gguf_facts(path: Path) -> ModelFacts:
     import gguf
 
     meta = {k: v for k, v, *_ in kv}
-    arch = meta["general.architecture"]
-    n_layer = meta[f"{arch}.block_count"]
-
-    def per_layer(key: str, default=None) -> list[int]:
-        v = meta.get(f"{arch}.{key}", default)
-        return list(v) if isinstance(v, list) else [v] * n_layer
-
-    n_head = per_layer("attention.head_count")
-    n_kv = per_layer("attention.head_count_kv", meta[f"{arch}.attention.head_count"])
-    hd_default = meta[f"{arch}.embedding_length"] // max(n_head)
-    k_len = meta.get(f"{arch}.attention.key_length", hd_default)
-    v_len = meta.get(f"{arch}.attention.value_length", hd_default)
+    shapes, k_len, v_len = layer_shapes(meta)
     nbytes, params, vocab = {}, 0, 0
     for name, shape, ttype in tensors:
         block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
@@ -55,7 +44,7 @@ def gguf_facts(path: Path) -> ModelFacts:
     if "output.weight" in nbytes:  # untied: the embedding contributes one row per token
         read -= nbytes["token_embd.weight"] - nbytes["token_embd.weight"] // vocab
     return ModelFacts(str(path), path.stem, sum(nbytes.values()), params, read,
-                      sum(h * (k_len + v_len) for h in n_kv) * 2, vocab)   # f16 K and V: llama.cpp's default
+                      sum(s.n_kv_head * (k_len + v_len) for s in shapes) * 2, vocab)   # f16 K and V: llama.cpp's default
 
 
 def onnx_facts(path: Path) -> ModelFacts:

@@ -15,6 +15,7 @@ from transact_edge import llamabuild
 from transact_edge.bench.facts import MIB, ModelFacts, facts
 from transact_edge.bench.spec import Tests, test_name
 from transact_edge.errors import UserError
+from transact_edge.llamacpp import kv_from_log
 from transact_edge.runtimes import RUNTIMES
 
 
@@ -30,15 +31,6 @@ class ModelRun:
     rows: list[dict] = field(default_factory=list)
 
 
-def _kv_from_log(text: str) -> dict | None:
-    from transact_edge.llamacpp import KV_LINE
-    found = [m for m in KV_LINE.finditer(text)]
-    if not found:
-        return None
-    m = max(found, key=lambda m: int(m[2]))
-    return {"mib": float(m[1]), "cells": int(m[2]), "k_type": m[3], "v_type": m[5]}
-
-
 def _run_llama_bench(device, binary: Path, f: ModelFacts, tests: Tests, threads: int, reps: int) -> ModelRun:
     exe, model = device.put(binary), device.put(Path(f.path))
     argv = [exe, "-m", model, "-p", ",".join(map(str, tests.n_prompt)), "-n", ",".join(map(str, tests.n_gen)),
@@ -52,7 +44,7 @@ def _run_llama_bench(device, binary: Path, f: ModelFacts, tests: Tests, threads:
     records = json.loads(res.stdout)
     results = [{"n_prompt": r["n_prompt"], "n_gen": r["n_gen"], "n_depth": r.get("n_depth", 0),
                 "samples_ts": r["samples_ts"]} for r in records]
-    return ModelRun(f, "llama-bench", results, _kv_from_log(res.stderr), res.peak_rss_mib)
+    return ModelRun(f, "llama-bench", results, kv_from_log(res.stderr), res.peak_rss_mib)
 
 
 def _run_worker(device, runtime: str, f: ModelFacts, tests: Tests, threads: int, reps: int) -> ModelRun:

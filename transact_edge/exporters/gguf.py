@@ -25,7 +25,7 @@ from transact_edge.checkpoint import read_report
 from transact_edge.errors import UserError
 from transact_edge.ggufmap import NORM_ROPE, PER_LAYER_ARCH, read_kv, to_llama_cpp
 from transact_edge.loading import EMBEDDED, embedded_gguf, read_config, resolve
-from transact_edge.shapes import head_dim, is_uniform, layer_shapes
+from transact_edge.shapes import LayerShape, head_dim, is_uniform, layer_shapes
 
 log = logging.getLogger(__name__)
 
@@ -136,16 +136,41 @@ def write(directory: Path, config, source_gguf: Path | None, path: Path, outtype
     import gguf
     from safetensors import safe_open
 
-    family = family_of(config.model_type)
     shapes = layer_shapes(config)
-    uniform = is_uniform(shapes)
-    hd = head_dim(config)
-    narrow = shapes[0].n_head * hd != config.hidden_size
-    arch = family.gguf_arch if uniform and (family.gguf_narrow or not narrow) else PER_LAYER_ARCH
-    wanted = gguf.GGMLQuantizationType[PY_OUTTYPES[outtype][0]]
-
+    arch = _architecture(config, shapes)
     writer = gguf.GGUFWriter(path, arch)
-    name = (report or {}).get("source", {}).get("model") or directory.name
+    _metadata(writer, config, shapes, outtype, report, directory.name)
+    if source_gguf is not None:
+        _copy_tokenizer(writer, source_gguf)
+    else:
+        _hf_tokenizer(writer, directory)
+    files = [safe_open(f, framework="pt") for f in sorted(directory.glob("*.safetensors"))]
+    plan = _tensor_infos(writer, files, config, arch, gguf.GGMLQuantizationType[PY_OUTTYPES[outtype][0]])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for f, key, qtype in tqdm(plan, desc=f"writing {path.name}", unit="tensor", leave=False):
+        data = f.get_tensor(key).to(torch.float32).numpy()
+        if arch in NORM_ROPE and (".q_proj." in key or ".k_proj." in key):
+            il = int(key.split(".")[2])
+            data = to_llama_cpp(data, shapes[il].n_head if ".q_proj." in key else shapes[il].n_kv_head)
+        writer.write_tensor_data(gguf.quants.quantize(data, qtype))
+    writer.close()
+
+
+def _architecture(config, shapes: list[LayerShape]) -> str:
+    """The family's own llama.cpp graph for uniform widths it can run, else the per-layer `deci`."""
+    family = family_of(config.model_type)
+    narrow = shapes[0].n_head * head_dim(config) != config.hidden_size
+    return family.gguf_arch if is_uniform(shapes) and (family.gguf_narrow or not narrow) else PER_LAYER_ARCH
+
+
+def _metadata(writer, config, shapes: list[LayerShape], outtype: str, report: dict | None, dirname: str) -> None:
+    """Shapes (per layer as arrays when they differ), rope, norm, file type; and what TransAct did."""
+    import gguf
+
+    hd, uniform = head_dim(config), is_uniform(shapes)
+    name = (report or {}).get("source", {}).get("model") or dirname
     writer.add_name(Path(str(name)).name + ("-transact" if report else ""))
     writer.add_file_type(getattr(gguf.LlamaFileType, PY_OUTTYPES[outtype][1]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -162,11 +187,7 @@ def write(directory: Path, config, source_gguf: Path | None, path: Path, outtype
     writer.add_rope_freq_base(_rope_theta(config))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    if source_gguf is not None:
-        _copy_tokenizer(writer, source_gguf)
-    else:
-        _hf_tokenizer(writer, directory)
-    writer.add_string("transact.family", family.model_type)  # lets our importer rebuild the right classes
+    writer.add_string("transact.family", family_of(config.model_type).model_type)  # our importer's classes
     if report:  # what was done, for llama.cpp consumers
         writer.add_string("transact.source", str(report["source"]["model"]))
         writer.add_uint32("transact.shots", report["options"]["shots"])
@@ -176,9 +197,13 @@ def write(directory: Path, config, source_gguf: Path | None, path: Path, outtype
         for field in ("n_head", "n_kv_head", "ffn_dim"):
             writer.add_array(f"transact.{field}", [getattr(s, field) for s in shapes])
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], len(shapes))
-    files = [safe_open(f, framework="pt") for f in sorted(directory.glob("*.safetensors"))]
-    plan = []  # (file, key, gguf name, type), in file order
+
+def _tensor_infos(writer, files: list, config, arch: str, wanted) -> list[tuple]:
+    """Every tensor's GGUF name, type and stored shape, declared to the writer; (file, key, type) in file order."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
+    plan = []
     for f in files:
         for key in f.keys():
             if key == "lm_head.weight" and config.tie_word_embeddings:
@@ -192,16 +217,7 @@ def write(directory: Path, config, source_gguf: Path | None, path: Path, outtype
             writer.add_tensor_info(gname, byte_shape, np.dtype(dtype), int(np.prod(byte_shape)) * np.dtype(dtype).itemsize,
                                    raw_dtype=qtype)
             plan.append((f, key, qtype))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for f, key, qtype in tqdm(plan, desc=f"writing {path.name}", unit="tensor", leave=False):
-        data = f.get_tensor(key).to(torch.float32).numpy()
-        if arch in NORM_ROPE and (".q_proj." in key or ".k_proj." in key):
-            il = int(key.split(".")[2])
-            data = to_llama_cpp(data, shapes[il].n_head if ".q_proj." in key else shapes[il].n_kv_head)
-        writer.write_tensor_data(gguf.quants.quantize(data, qtype))
-    writer.close()
+    return plan
 
 
 def _llama_quantize(src: Path, dst: Path, outtype: str) -> None:
