@@ -153,3 +153,24 @@ def test_console_script_is_installed():
         assert cmd in out.stdout
     out = subprocess.run([sys.executable, "-m", "transact_edge", "inspect", "/nonexistent"], capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.count("\n") == 1
+
+
+def test_outputs_get_the_mode_a_plain_write_gives(tmp_path, tiny_llama_dir):
+    """0755 directories and 0644 files under umask 022 (mkdtemp's 0700 and mkstemp's 0600 would keep a
+    llama.cpp server running as another user out), whatever the writer."""
+    import os
+    import stat
+
+    from transact_edge.cli import main
+
+    old = os.umask(0o022)
+    try:
+        assert main(["prune", "--model", str(tiny_llama_dir), "--kv-heads", "1", "--calib-samples", "2",
+                     "--seq-len", "32", "--out", str(tmp_path / "p")]) == 0
+        assert main(["export", str(tmp_path / "p"), "--outtype", "f16", "--outfile", str(tmp_path / "p.gguf")]) == 0
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "p") == 0o755 and mode(tmp_path / "p.gguf") == 0o644
+    assert {mode(f) for f in (tmp_path / "p").iterdir()} == {0o644}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p", "p.gguf"]  # no temporary left beside them

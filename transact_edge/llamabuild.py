@@ -22,6 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from transact_edge.checkpoint import atomic_file
 from transact_edge.errors import UserError
 
 TOOLS = ("llama-bench", "llama-completion", "llama-perplexity", "llama-quantize")
@@ -171,9 +172,9 @@ def membw(target: str) -> Path | None:
     out = builds_root() / "membw-native" / "membw"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".partial")
-        _compile_membw(target, "cc", tmp)
-        tmp.rename(out)
+        with atomic_file(out) as tmp:
+            _compile_membw(target, "cc", tmp)
+        out.chmod(0o755)
     return out
 
 

@@ -11,8 +11,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 
 from transact_edge.arch import family_of
+from transact_edge.checkpoint import atomic_dir
 from transact_edge.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -85,7 +84,7 @@ def _load_deci(path: Path, reader, dtype: torch.dtype):
     from transformers import PreTrainedTokenizerFast
 
     from transact_edge.ggufmap import CONFIG_KEYS, from_llama_cpp, layer_shapes
-    from transact_edge.modeling import PER_LAYER_CLASSES
+    from transact_edge.modeling import PER_LAYER_CLASSES, skeleton
     from transact_edge.shapes import GLOBAL_KEYS, PER_LAYER_KEYS
 
     value = lambda key: reader.get_field(key).contents() if reader.get_field(key) else None  # noqa: E731
@@ -103,10 +102,9 @@ def _load_deci(path: Path, reader, dtype: torch.dtype):
     family = value("transact.family") or "llama"
     if family == "llama":
         d["attention_bias"] = "blk.0.attn_q.bias" in tensors
-    config_cls, model_cls = PER_LAYER_CLASSES[family]
+    config_cls = PER_LAYER_CLASSES[family][0]
     config = config_cls(**d)
-    with torch.device("meta"):
-        model = model_cls(config)
+    model = skeleton(config)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DECI, config.num_hidden_layers)
     state = {}
     for key in model.state_dict():
@@ -157,15 +155,9 @@ def _materialize_embedded(name: str) -> Path:
     log.info("converting %s to safetensors in %s (once)", gguf_path.name, target)
     model, tok = _load_gguf(gguf_path, torch.float32)
     CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=CACHE))
-    try:
+    with atomic_dir(target, force=True) as tmp:  # another process converting at once writes the same files
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").is_file():  # lost a race with another process: fine
-            raise
     return target
 
 

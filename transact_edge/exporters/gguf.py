@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from transact_edge.arch import family_of
-from transact_edge.checkpoint import read_report
+from transact_edge.checkpoint import atomic_file, read_report
 from transact_edge.errors import UserError
 from transact_edge.ggufmap import NORM_ROPE, PER_LAYER_ARCH, read_kv, to_llama_cpp
 from transact_edge.loading import EMBEDDED, embedded_gguf, read_config, resolve
@@ -261,21 +260,17 @@ def export(opts: GGUFExportOptions) -> Path:
         raise UserError("a layer with MLP width 0 cannot be represented in llama.cpp's deci graph")
     _rope_theta(config)
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    staged = tmp.with_suffix(".f32.tmp")
-    try:
-        source = _source_gguf(report, opts.checkpoint)
-        if opts.outtype in K_OUTTYPES:
-            write(directory, config, source, staged, "f32", report)
-            _llama_quantize(staged, tmp, opts.outtype)
+    source = _source_gguf(report, opts.checkpoint)
+    with atomic_file(out) as tmp:
+        if opts.outtype in K_OUTTYPES:  # llama.cpp's own quantizer, from an F32 file staged beside
+            staged = tmp.with_suffix(".f32.tmp")
+            try:
+                write(directory, config, source, staged, "f32", report)
+                _llama_quantize(staged, tmp, opts.outtype)
+            finally:
+                staged.unlink(missing_ok=True)
         else:
             write(directory, config, source, tmp, opts.outtype, report)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-        staged.unlink(missing_ok=True)
     return out
 
 
