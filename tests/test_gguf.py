@@ -141,3 +141,26 @@ def test_every_gguf_py_type_is_written_and_runs(pruned_dirs, tmp_path, outtype):
     loaded = load(str(src))
     result = verify(out, loaded.model, loaded.tokenizer, outtype, n_tokens=128)
     assert result.passed is None and result.agreement.top1 > 0.6, result.line()
+
+
+def test_gguf_metadata_declares_the_source_as_base_model(tmp_path, tiny_llama_dir, capsys):
+    """general.* keys as hubs and llama.cpp front-ends read them: license and basename carried from the
+    source's model card, the pruned model's own size label, the source as general.base_model.0."""
+    import shutil
+
+    from transact_edge.cli import main
+    from transact_edge.ggufmap import read_header, read_kv
+
+    src = tmp_path / "Tiny-Chat-1M"
+    shutil.copytree(tiny_llama_dir, src)
+    (src / "README.md").write_text("---\nlicense: apache-2.0\nlanguage:\n- en\n---\n# Tiny Chat\n")
+    assert main(["prune", "--model", str(src), "--kv-heads", "1", "--mlp-ratio", "0.5", "--calib-samples", "2",
+                 "--seq-len", "32", "--out", str(tmp_path / "p")]) == 0
+    assert main(["export", str(tmp_path / "p"), "--outtype", "f32", "--outfile", str(tmp_path / "p.gguf")]) == 0
+    meta = {k: v for k, v, *_ in read_kv(tmp_path / "p.gguf", "general.")}
+    params = sum(int(torch.tensor(shape).prod()) for _, shape, _ in read_header(tmp_path / "p.gguf")[1])
+    assert meta["general.license"] == "apache-2.0" and meta["general.languages"] == ["en"]
+    assert meta["general.base_model.count"] == 1 and meta["general.base_model.0.name"]
+    assert meta["general.size_label"] == gguf.utility.size_label(params, 0, 0, 0)
+    assert meta["general.finetune"] == "transact" and "pruned" in meta["general.tags"]
+    assert meta["general.basename"].lower().startswith("tiny")

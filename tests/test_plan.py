@@ -149,3 +149,18 @@ def test_prune_replays_a_plan_on_a_sibling_checkpoint(tiny_llama_dir, tmp_path, 
     err = capsys.readouterr().err
     assert "--plan fixes what is kept; drop widths" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "c").exists()
+
+
+def test_a_first_format_output_still_exports_inspects_and_replays(tiny_llama_dir, tmp_path, capsys):
+    from transact_edge.cli import main
+
+    assert main(["prune", "--model", str(tiny_llama_dir), "--kv-heads", "1", "--mlp-ratio", "0.5",
+                 "--calib-samples", "2", "--seq-len", "32", "--out", str(tmp_path / "a")]) == 0
+    report = json.loads((tmp_path / "a" / "transact.json").read_text())
+    kept = {k: report["plan"][k] for k in ("kv_heads", "heads", "channels")} | {"numbering": "indices in the source model"}
+    old = {k: v for k, v in report.items() if k != "plan"} | {"format": "transact-edge/1", "kept": kept}
+    (tmp_path / "a" / "transact.json").write_text(json.dumps(old))
+    assert main(["export", str(tmp_path / "a"), "--outtype", "f32", "--outfile", str(tmp_path / "a.gguf")]) == 0
+    assert main(["inspect", str(tmp_path / "a"), "--json"]) == 0
+    assert main(["prune", "--model", str(tiny_llama_dir), "--plan", str(tmp_path / "a"), "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "transact.json").read_text())["plan"]["heads"] == report["plan"]["heads"]

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transact_edge.arch import family_of
 from transact_edge.checkpoint import atomic_file, read_report
 from transact_edge.errors import UserError
+from transact_edge.exporters import provenance
 from transact_edge.ggufmap import NORM_ROPE, PER_LAYER_ARCH, read_kv, to_llama_cpp
 from transact_edge.loading import EMBEDDED, embedded_gguf, read_config, resolve
 from transact_edge.shapes import LayerShape, head_dim, is_uniform, layer_shapes
@@ -138,13 +139,15 @@ def write(directory: Path, config, source_gguf: Path | None, path: Path, outtype
     shapes = layer_shapes(config)
     arch = _architecture(config, shapes)
     writer = gguf.GGUFWriter(path, arch)
-    _metadata(writer, config, shapes, outtype, report, directory.name)
+    files = [safe_open(f, framework="pt") for f in sorted(directory.glob("*.safetensors"))]
+    plan = _tensor_infos(writer, files, config, arch, gguf.GGMLQuantizationType[PY_OUTTYPES[outtype][0]])
+    params = sum(int(np.prod(f.get_slice(key).get_shape())) for f, key, _ in plan)
+    provenance.for_export(directory, source_gguf, report, params).set_gguf_meta_model(writer)
+    _metadata(writer, config, shapes, outtype, report)
     if source_gguf is not None:
         _copy_tokenizer(writer, source_gguf)
     else:
         _hf_tokenizer(writer, directory)
-    files = [safe_open(f, framework="pt") for f in sorted(directory.glob("*.safetensors"))]
-    plan = _tensor_infos(writer, files, config, arch, gguf.GGMLQuantizationType[PY_OUTTYPES[outtype][0]])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -164,13 +167,11 @@ def _architecture(config, shapes: list[LayerShape]) -> str:
     return family.gguf_arch if is_uniform(shapes) and (family.gguf_narrow or not narrow) else PER_LAYER_ARCH
 
 
-def _metadata(writer, config, shapes: list[LayerShape], outtype: str, report: dict | None, dirname: str) -> None:
+def _metadata(writer, config, shapes: list[LayerShape], outtype: str, report: dict | None) -> None:
     """Shapes (per layer as arrays when they differ), rope, norm, file type; and what TransAct did."""
     import gguf
 
     hd, uniform = head_dim(config), is_uniform(shapes)
-    name = (report or {}).get("source", {}).get("model") or dirname
-    writer.add_name(Path(str(name)).name + ("-transact" if report else ""))
     writer.add_file_type(getattr(gguf.LlamaFileType, PY_OUTTYPES[outtype][1]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_context_length(config.max_position_embeddings)
