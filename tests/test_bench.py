@@ -83,6 +83,15 @@ def test_llama_cpp_python_fallback_and_other_runtimes(ggufs, tiny_llama_dir, tmp
                      "-o", "json")
     assert rc == 0, rep
     assert len(rep["rows"]) == 4 and all(r["backend"] == "torch" and r["ts_mean"] > 0 for r in rep["rows"])
+    from transact_edge.exporters.onnx import ONNXExportOptions, export
+
+    graph = export(ONNXExportOptions(str(tiny_llama_dir), tmp_path / "genai"))
+    capsys.readouterr()  # the exporter's own progress lines
+    for runtime, model in (("onnxruntime", graph), ("onnxruntime-genai", graph.parent)):
+        rc, rep = _bench(capsys, model, "--runtime", runtime, "-p", "16", "-n", "4", "-d", "0,8", "-r", "2",
+                         "-o", "json")
+        assert rc == 0, rep
+        assert len(rep["rows"]) == 4 and all(r["backend"] == runtime and r["ts_mean"] > 0 for r in rep["rows"])
 
 
 def test_markdown_and_csv(ggufs, builds, capsys):

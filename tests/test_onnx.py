@@ -54,7 +54,8 @@ def test_int8_quantization_reports_drift(tmp_path, tokenizer):
     result = verify(out, pruned, tokenizer, "int8", n_tokens=64, n_generate=4)
     assert result.passed is None and "int8" in result.line()
     assert 0 < result.agreement.max_abs_diff < 5  # quantized, so not identical, but close
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "m-int8.onnx"]
+    beside = {"genai_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+    assert {p.name for p in tmp_path.iterdir()} == {"ckpt", "m-int8.onnx"} | beside  # no temporary left
 
 
 @pytest.mark.slow
@@ -74,11 +75,17 @@ def test_real_pruned_export_parity_and_greedy_text(smollm2, tmp_path, per_layer,
     ppl = perplexity(OrtModel(tmp_path / "m.onnx").logits, corpus.stream(smollm2.tokenizer, "wiki", "eval"), 256, max_tokens=512)
     ref = perplexity(pruned, corpus.stream(smollm2.tokenizer, "wiki", "eval"), 256, max_tokens=512)
     assert abs(ppl.ppl / ref.ppl - 1) < 1e-4
+    # onnxruntime-genai runs the same files (genai_config.json and tokenizer beside the graph): same greedy text
+    prompt = smollm2.tokenizer("The history of the city begins")["input_ids"]
+    with torch.no_grad():
+        want = pruned.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt):].tolist()
+    assert _genai_greedy(tmp_path, prompt, 16) == want
 
 
 @pytest.mark.parametrize("argv,needle", [
     (["--dtype", "int4"], "unknown --dtype"),
-    (["--quantize", "int4"], "unknown --quantize"),
+    (["--quantize", "int2"], "unknown --quantize"),
+    (["--quantize", "int4", "--block-size", "24"], "--block-size must be a power of two"),
     (["--dtype", "fp16", "--quantize", "int8"], "starts from --dtype fp32"),
 ])
 def test_onnx_bad_options(argv, needle, tmp_path, tiny_llama_dir, capsys):
@@ -109,3 +116,56 @@ def test_fp16_export_runs_with_a_half_precision_cache(tmp_path, tokenizer):
     assert ort.kv_dtype == np.float16
     result = verify(out, pruned, tokenizer, "fp16", n_tokens=64, n_generate=4)
     assert result.passed is None and result.agreement.max_abs_diff < 0.05, result.line()
+
+
+def _genai_greedy(directory, prompt: list[int], n: int) -> list[int]:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(directory))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + n, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    out = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    return out
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_onnxruntime_genai_runs_the_export_as_written(tmp_path, tokenizer, per_layer):
+    """The default output directory is what onnxruntime-genai's Model(dir) reads, with no edits:
+    uniform and per-layer KV heads, the tokenizer and chat template, the search defaults."""
+    import json
+
+    import onnxruntime_genai as og
+
+    pruned = _tiny_checkpoint("qwen2", per_layer, tmp_path / "ckpt", tokenizer)
+    graph = export(ONNXExportOptions(str(tmp_path / "ckpt")))
+    assert graph == tmp_path / "ckpt-onnx-fp32" / "model.onnx"
+    config = json.loads((graph.parent / "genai_config.json").read_text())
+    assert config["model"]["type"] == "qwen2" and config["model"]["decoder"]["filename"] == "model.onnx"
+    assert config["model"]["context_length"] == pruned.config.max_position_embeddings
+    assert config["search"]["max_length"] == config["model"]["context_length"]
+    prompt = tokenizer("The history of the city begins with")["input_ids"]
+    with torch.no_grad():
+        want = pruned.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, len(prompt):].tolist()
+    assert _genai_greedy(graph.parent, prompt, 6) == want
+    tok = og.Tokenizer(og.Model(str(graph.parent)))
+    chat = json.dumps([{"role": "user", "content": "Hi"}])
+    assert tok.apply_chat_template(chat, add_generation_prompt=True) == tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+
+
+def test_int4_matmulnbits_runs_in_onnxruntime_and_genai(tmp_path, tokenizer):
+    import onnx
+
+    pruned = _tiny_checkpoint("llama", True, tmp_path / "ckpt", tokenizer)
+    graph = export(ONNXExportOptions(str(tmp_path / "ckpt"), quantize="int4"))
+    assert graph.parent.name == "ckpt-onnx-fp32-int4"
+    ops = {n.op_type for n in onnx.load(str(graph)).graph.node}
+    assert "MatMulNBits" in ops
+    result = verify(graph, pruned, tokenizer, "int4", n_tokens=64, n_generate=4)
+    assert result.passed is None and 0 < result.agreement.max_abs_diff < 5, result.line()
+    assert len(_genai_greedy(graph.parent, [1, 2, 3, 4], 4)) == 4

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from transact_edge import corpus
 from transact_edge.calibration import collect
 from transact_edge.loading import load, resolve
+from transact_edge.memory import own_peak_rss_mib
 from transact_edge.plan import WidthRequest
 from transact_edge.prune import PruneOptions, prune
 from transact_edge.stream import collect_streamed, prune_streamed
@@ -26,6 +27,7 @@ def test_streamed_prune_equals_in_memory(tiny_dir, tmp_path, per_layer):
     ref = prune(PruneOptions(model=str(tiny_dir), out=tmp_path / "mem", widths=widths, per_layer=per_layer,
                              calib_samples=4, seq_len=32, batch_size=2))
     windows = corpus.windows(corpus.stream(load(str(tiny_dir)).tokenizer, "wiki", "train"), 32, 4)
+    before = own_peak_rss_mib()
     got = prune_streamed(tiny_dir, tmp_path / "streamed", widths, windows, batch_size=2, per_layer=per_layer)
     for key in ("kv_heads", "heads", "channels"):
         assert got["plan"][key] == ref["plan"][key], key
@@ -34,7 +36,8 @@ def test_streamed_prune_equals_in_memory(tiny_dir, tmp_path, per_layer):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     on_disk = json.loads((tmp_path / "streamed" / "transact.json").read_text())
     assert on_disk == json.loads(json.dumps(got))  # written once, before the rename, complete
-    assert 50 < got["peak_rss_mib"] < 4096 and got["seconds"]["total"] >= got["seconds"]["salience"]
+    assert before <= got["peak_rss_mib"] <= own_peak_rss_mib()  # this process's VmHWM while it ran
+    assert got["seconds"]["total"] >= got["seconds"]["salience"]
     x = torch.randint(0, 1000, (1, 16))
     m1, m2 = load(str(tmp_path / "mem")).model, load(str(tmp_path / "streamed")).model
     assert torch.equal(m1(input_ids=x).logits, m2(input_ids=x).logits)

@@ -135,15 +135,18 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="gguf", help="gguf or onnx")
     p.add_argument("--outtype", help="GGUF: f32, f16 (default), bf16, q8_0, q5_1, q5_0, q4_1, q4_0, q4_k_m, q5_k_m, q6_k")
     p.add_argument("--dtype", default="fp32", help="ONNX: fp32 or fp16")
-    p.add_argument("--quantize", help="ONNX: int8 (dynamic quantization by onnxruntime)")
-    p.add_argument("--outfile", type=Path, help="default: {checkpoint}-{outtype}.gguf / {checkpoint}-{dtype}.onnx")
+    p.add_argument("--quantize", help="ONNX: int8 (dynamic, onnxruntime) or int4 (weight-only MatMulNBits)")
+    p.add_argument("--block-size", type=int, default=32, help="ONNX int4: weights per quantization block (32)")
+    p.add_argument("--outfile", type=Path, help="GGUF: default {checkpoint}-{outtype}.gguf; ONNX: a directory "
+                   "(default {checkpoint}-onnx-{dtype}: model.onnx, genai_config.json, tokenizer), or a .onnx path "
+                   "with those files beside it")
     p.add_argument("--verify", action="store_true", help="compare the runtime with PyTorch on held-out text")
 
 
 def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("models", nargs="+", metavar="MODEL", help=".gguf (llama.cpp), .onnx (onnxruntime), "
                    "checkpoint dir or embedded name (torch)")
-    p.add_argument("--runtime", default="llama.cpp", help="llama.cpp (default), onnxruntime or torch")
+    p.add_argument("--runtime", default="llama.cpp", help="llama.cpp (default), onnxruntime, onnxruntime-genai (an exported directory) or torch")
     p.add_argument("-p", "--n-prompt", default="512", help="prompt lengths, comma-separated (0: none)")
     p.add_argument("-n", "--n-gen", default="128", help="generation lengths, comma-separated (0: none)")
     p.add_argument("-d", "--n-depth", default="0", help="tokens already in the KV cache, comma-separated")

@@ -143,27 +143,32 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return 0
 
 
+# --format -> (exporter module, its options from the arguments, the kind its verification checks)
+FORMATS = {
+    "gguf": ("transact_edge.exporters.gguf", lambda m, a: m.GGUFExportOptions(a.path, a.outtype or "f16", a.outfile),
+             lambda a: a.outtype or "f16"),
+    "onnx": ("transact_edge.exporters.onnx",
+             lambda m, a: m.ONNXExportOptions(a.path, a.outfile, a.dtype, a.quantize, a.block_size),
+             lambda a: a.quantize or a.dtype),
+}
+
+
 def cmd_export(a: argparse.Namespace) -> int:
+    import importlib
+
     from transact_edge.loading import load
 
-    if a.format == "gguf":
-        from transact_edge.exporters.gguf import GGUFExportOptions, export, verify
-
-        out = export(GGUFExportOptions(a.path, a.outtype or "f16", a.outfile))
-        kind = a.outtype or "f16"
-    elif a.format == "onnx":
-        from transact_edge.exporters.onnx import ONNXExportOptions, export, verify
-
-        out = export(ONNXExportOptions(a.path, a.outfile, a.dtype, a.quantize))
-        kind = a.quantize or a.dtype
-    else:
-        raise UserError(f"unknown --format {a.format!r}; choose from gguf, onnx")
+    if a.format not in FORMATS:
+        raise UserError(f"unknown --format {a.format!r}; choose from {', '.join(FORMATS)}")
+    name, options, kind_of = FORMATS[a.format]
+    exporter = importlib.import_module(name)
+    out, kind = exporter.export(options(exporter, a)), kind_of(a)
     size = sum(f.stat().st_size for f in out.parent.glob(out.name + "*"))
     print(f"wrote {out} ({size / 2**20:.1f} MiB, {kind})")
     if not a.verify:
         return 0
     loaded = load(a.path)
-    result = verify(out, loaded.model, loaded.tokenizer, kind)
+    result = exporter.verify(out, loaded.model, loaded.tokenizer, kind)
     print(result.line())
     return 1 if result.passed is False else 0
 
@@ -197,7 +202,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     path = onnx.export(onnx.ONNXExportOptions(str(opts.out)))
     v = onnx.verify(path, loaded.model, loaded.tokenizer, "fp32")
     failed |= v.passed is False
-    print(f"\n{path.name}: {v.line()}")
+    print(f"\n{path.parent.name}/{path.name}: {v.line()}")
 
     from transact_edge import bench
     from transact_edge.devices import Local
@@ -235,7 +240,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
                         bench.int_list(a.n_depth, "-d"), [bench.pair(t) for t in a.pg])
     tests.cases()
     for model in a.models:  # before touching any device
-        if a.runtime != "torch" and not Path(model).is_file():
+        if a.runtime != "torch" and not (Path(model).is_file() or a.runtime == "onnxruntime-genai" and Path(model).is_dir()):
             raise UserError(f"model file not found: {model}")
     with open_device(a.device, tuple(a.ssh_option), a.target) as device:
         report = bench.run(a.models, a.runtime, tests, a.threads, a.reps, device, PROFILES.get(a.profile), a.greedy)

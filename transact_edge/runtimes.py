@@ -8,10 +8,12 @@
     session.close()
 
 torch runs the checkpoint through transformers; llama.cpp a GGUF through llama-cpp-python (flash
-attention on by default, as users run it); onnxruntime an exported graph on the CPU provider.
+attention on by default, as users run it); onnxruntime an exported graph on the CPU provider;
+onnxruntime-genai an exported directory (graph, genai_config.json, tokenizer) as apps run it.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +92,40 @@ class OrtSession:
         self.model = self.past = None
 
 
-RUNTIMES = {"torch": TorchSession, "llama.cpp": LlamaCppSession, "onnxruntime": OrtSession}
+class GenaiSession:
+    """onnxruntime-genai over an exported directory (genai_config.json beside the graph): the runtime
+    that ships to phones. It hands out the last position's logits only, so it decodes but does not score."""
+    kv = None
+
+    def __init__(self, path: str, n_ctx: int, threads: int | None = None, **_):
+        try:
+            import onnxruntime_genai as og
+        except ImportError:
+            raise UserError("onnxruntime-genai is not installed (pip install onnxruntime-genai)") from None
+        directory = Path(path) if Path(path).is_dir() else Path(path).parent
+        config = og.Config(str(directory))
+        if threads:
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        self.model = og.Model(config)
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=n_ctx, do_sample=False)
+        self.gen = og.Generator(self.model, params)
+
+    def eval(self, tokens: np.ndarray) -> None:
+        self.gen.append_tokens(tokens.astype(np.int32))
+
+    def truncate(self, n: int) -> None:
+        self.gen.rewind_to(n)
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        raise UserError("onnxruntime-genai gives the last position's logits only; score with --runtime onnxruntime")
+
+    def close(self) -> None:
+        self.gen = self.model = None
+
+
+RUNTIMES = {"torch": TorchSession, "llama.cpp": LlamaCppSession, "onnxruntime": OrtSession,
+            "onnxruntime-genai": GenaiSession}
 FILES = {"llama.cpp": "a GGUF file", "onnxruntime": "an ONNX file"}  # what each runtime opens, beside torch's checkpoints
 
 

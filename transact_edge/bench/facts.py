@@ -2,7 +2,7 @@
 the roofline's denominator and the memory a device profile must allow."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -98,13 +98,26 @@ def torch_facts(source: str) -> ModelFacts:
                       kv_bytes_per_token(shapes, head_dim(config), 4), vocab)
 
 
-FACTS = {"llama.cpp": gguf_facts, "onnxruntime": onnx_facts}
+def genai_facts(path: Path) -> ModelFacts:
+    """An onnxruntime-genai directory: the facts of the graph its genai_config.json names."""
+    import json
+
+    try:
+        graph = path / json.loads((path / "genai_config.json").read_text())["model"]["decoder"]["filename"]
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: not an onnxruntime-genai directory ({type(e).__name__}: {e})") from None
+    return replace(onnx_facts(graph), path=str(path), name=path.name)
+
+
+FACTS = {"llama.cpp": gguf_facts, "onnxruntime": onnx_facts, "onnxruntime-genai": genai_facts}
 
 
 def facts(model: str, runtime: str) -> ModelFacts:
     if runtime == "torch":
         return torch_facts(model)
     path = Path(model)
-    if not path.is_file():
+    if runtime == "onnxruntime-genai" and path.is_file():
+        path = path.parent  # the graph was named: its directory holds genai_config.json
+    if not path.exists() or (runtime != "onnxruntime-genai" and not path.is_file()):
         raise UserError(f"model file not found: {model}")
     return FACTS[runtime](path)

@@ -8,6 +8,7 @@ Exported with torch.onnx.export(dynamo=True); int8 through onnxruntime.quantizat
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -17,13 +18,15 @@ from pathlib import Path
 
 import torch
 
+from transact_edge.arch import family_of
+from transact_edge.checkpoint import atomic_dir
 from transact_edge.errors import UserError
 from transact_edge.loading import load, resolve
 from transact_edge.shapes import head_dim, layer_shapes
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-QUANTIZE = ("int8",)
+QUANTIZE = ("int8", "int4")
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to a .data file beside the graph
 
 
@@ -32,7 +35,8 @@ class ONNXExportOptions:
     checkpoint: str
     outfile: Path | None = None      # default: {checkpoint}-{dtype}[-int8].onnx beside the checkpoint
     dtype: str = "fp32"
-    quantize: str | None = None
+    quantize: str | None = None      # int8 (dynamic, onnxruntime) or int4 (weight-only MatMulNBits)
+    block_size: int = 32             # int4: weights per quantization block
 
 
 def input_names(n_layer: int) -> list[str]:
@@ -72,7 +76,45 @@ def _example(model, batch: int = 1, seq: int = 4, past: int = 3):
 
 
 def default_outfile(checkpoint: Path, dtype: str, quantize: str | None) -> Path:
-    return checkpoint.parent / f"{checkpoint.name}-{dtype}{'-' + quantize if quantize else ''}.onnx"
+    """A directory beside the checkpoint, laid out as onnxruntime-genai's model builder lays out its output."""
+    return checkpoint.parent / f"{checkpoint.name}-onnx-{dtype}{'-' + quantize if quantize else ''}"
+
+
+GRAPH = "model.onnx"  # the graph's name inside an output directory
+
+
+def genai_config(config, generation: dict, filename: str) -> dict:
+    """onnxruntime-genai's genai_config.json for our graph: the decoder's input/output names and sizes,
+    token ids, context length and search defaults (from generation_config). Each layer's KV-head count
+    is read by the runtime from the graph's own (concrete) past_key_values dimensions."""
+    shapes = layer_shapes(config)
+    context = config.max_position_embeddings
+    eos = generation.get("eos_token_id", config.eos_token_id)
+    pad = generation.get("pad_token_id") or config.pad_token_id or (eos[0] if isinstance(eos, list) else eos)
+    names = {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+             "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
+    decoder = {"session_options": {"log_id": "onnxruntime-genai", "provider_options": []}, "filename": filename,
+               "head_size": head_dim(config), "hidden_size": config.hidden_size, "inputs": names,
+               "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                           "present_value_names": "present.%d.value"},
+               "num_attention_heads": max(s.n_head for s in shapes), "num_hidden_layers": len(shapes),
+               "num_key_value_heads": max(s.n_kv_head for s in shapes)}
+    search = {"do_sample": bool(generation.get("do_sample", False)), "temperature": generation.get("temperature") or 1.0,
+              "top_k": generation.get("top_k") or 50, "top_p": generation.get("top_p") or 1.0,
+              "repetition_penalty": generation.get("repetition_penalty") or 1.0, "max_length": context,
+              "min_length": 0, "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": False,
+              "early_stopping": True, "length_penalty": 1.0, "no_repeat_ngram_size": 0, "diversity_penalty": 0.0}
+    model = {"type": family_of(config.model_type).model_type, "context_length": context, "vocab_size": config.vocab_size,
+             "bos_token_id": generation.get("bos_token_id", config.bos_token_id), "eos_token_id": eos,
+             "pad_token_id": pad, "decoder": decoder}
+    return {"model": {k: v for k, v in model.items() if v is not None}, "search": search}  # genai refuses nulls
+
+
+def _write_genai(model, tokenizer, directory: Path, filename: str) -> None:
+    """genai_config.json and the tokenizer files (chat template included) beside the graph."""
+    generation = model.generation_config.to_dict() if model.generation_config is not None else {}
+    (directory / "genai_config.json").write_text(json.dumps(genai_config(model.config, generation, filename), indent=1))
+    tokenizer.save_pretrained(directory)
 
 
 def _write(model, path: Path) -> None:
@@ -89,40 +131,75 @@ def _write(model, path: Path) -> None:
 
 
 def export(opts: ONNXExportOptions) -> Path:
-    """Write the ONNX graph atomically: built in a temporary sibling directory, moved into place."""
+    """Write the graph, genai_config.json and the tokenizer files atomically; returns the graph's path.
+
+    `outfile` names a directory (default: `{checkpoint}-onnx-{dtype}`, the graph inside as model.onnx),
+    or, ending in .onnx, the graph itself, the other files then written beside it."""
     if opts.dtype not in DTYPES:
         raise UserError(f"unknown --dtype {opts.dtype!r}; choose from {', '.join(DTYPES)}")
     if opts.quantize not in (None, *QUANTIZE):
         raise UserError(f"unknown --quantize {opts.quantize!r}; choose from {', '.join(QUANTIZE)}")
+    if opts.block_size < 16 or opts.block_size & (opts.block_size - 1):
+        raise UserError(f"--block-size must be a power of two >= 16, got {opts.block_size}")
     if opts.quantize and opts.dtype != "fp32":
-        raise UserError("--quantize int8 starts from --dtype fp32")
+        raise UserError(f"--quantize {opts.quantize} starts from --dtype fp32")
     directory = resolve(opts.checkpoint)
     if directory.is_file():
         raise UserError(f"{opts.checkpoint}: export takes a checkpoint directory, not a file")
     out = Path(opts.outfile) if opts.outfile else default_outfile(Path(opts.checkpoint), opts.dtype, opts.quantize)
     if not out.parent.is_dir():
         raise UserError(f"{out.parent}: output's parent directory does not exist")
-    model = load(opts.checkpoint, dtype=DTYPES[opts.dtype]).model
-    model.config._attn_implementation = "sdpa"
+    loaded = load(opts.checkpoint, dtype=DTYPES[opts.dtype])
+    loaded.model.config._attn_implementation = "sdpa"
+    if out.suffix != ".onnx":
+        with atomic_dir(out, force=True) as tmp:
+            _stage(loaded, tmp / GRAPH, opts.quantize, opts.block_size)
+        return out / GRAPH
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        staged = tmp / out.name
-        if opts.quantize:
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            fp32 = tmp / "fp32.onnx"
-            _write(model, fp32)
-            quantize_dynamic(fp32, staged, weight_type=QuantType.QInt8,
-                             use_external_data_format=fp32.with_suffix(".onnx.data").exists())
-            for f in tmp.glob("fp32.onnx*"):
-                f.unlink()
-        else:
-            _write(model, staged)
-        for f in sorted(tmp.iterdir(), key=lambda f: f.suffix == ".onnx"):  # data first, the graph last
+        _stage(loaded, tmp / out.name, opts.quantize, opts.block_size)
+        for f in sorted(tmp.iterdir(), key=lambda f: f.suffix == ".onnx"):  # the graph last
+            f.chmod(0o644)
             os.replace(f, out.parent / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _stage(loaded, graph: Path, quantize: str | None, block_size: int = 32) -> None:
+    """The graph (quantized if asked) at `graph`, genai_config.json and tokenizer files beside it."""
+    if quantize:
+        fp32 = graph.with_name("fp32.onnx")
+        _write(loaded.model, fp32)
+        QUANTIZERS[quantize](fp32, graph, **({"block_size": block_size} if quantize == "int4" else {}))
+        for f in graph.parent.glob("fp32.onnx*"):
+            f.unlink()
+    else:
+        _write(loaded.model, graph)
+    _write_genai(loaded.model, loaded.tokenizer, graph.parent, graph.name)
+
+
+def _int8(fp32: Path, out: Path) -> None:
+    """Dynamic int8 quantization of the weights (onnxruntime's quantize_dynamic)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(fp32, out, weight_type=QuantType.QInt8,
+                     use_external_data_format=fp32.with_suffix(".onnx.data").exists())
+
+
+def _int4(fp32: Path, out: Path, block_size: int = 32) -> None:
+    """Weight-only 4-bit: every MatMul with constant weights becomes MatMulNBits (onnxruntime's own
+    quantizer; symmetric blocks of `block_size` along the input dimension, fp32 accumulation)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=4, block_size=block_size, is_symmetric=True)
+    quantizer.process()
+    large = fp32.with_suffix(".onnx.data").exists()
+    quantizer.model.save_model_to_file(str(out), use_external_data_format=large)
+
+
+QUANTIZERS = {"int8": _int8, "int4": _int4}
 
 
 @dataclass
