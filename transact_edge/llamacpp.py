@@ -55,6 +55,9 @@ class Runtime:
         return torch.from_numpy(np.stack([self.logits(row.tolist()) for row in ids]))
 
 
+KV_TYPES = {"f32": 0, "f16": 1}  # ggml type ids (GGML_TYPE_F32, GGML_TYPE_F16)
+
+
 @contextmanager
 def _captured_log(sink: list[str]):
     import llama_cpp
@@ -72,8 +75,9 @@ def _captured_log(sink: list[str]):
 
 
 def open_gguf(path: Path, n_ctx: int = 512, flash_attn: bool = True, threads: int | None = None,
-              logits_all: bool = True) -> Runtime:
-    """A llama.cpp context over a GGUF, by default with logits for every position."""
+              logits_all: bool = True, kv_type: str = "f16") -> Runtime:
+    """A llama.cpp context over a GGUF, by default with logits for every position, flash attention on
+    and an F16 KV cache (llama.cpp's defaults); kv_type f32 with flash attention off computes exactly."""
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -83,7 +87,8 @@ def open_gguf(path: Path, n_ctx: int = 512, flash_attn: bool = True, threads: in
         try:
             llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=logits_all,
                         flash_attn=flash_attn, n_threads=threads or os.cpu_count(),
-                        n_threads_batch=threads or os.cpu_count(), verbose=False, seed=0)
+                        n_threads_batch=threads or os.cpu_count(), verbose=False, seed=0,
+                        type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type])
         except ValueError as e:
             tail = " | ".join(l.strip() for l in log[-3:])
             raise UserError(f"{path}: llama.cpp cannot load this file ({e}; {tail})") from None

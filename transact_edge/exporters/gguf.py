@@ -275,38 +275,4 @@ def export(opts: GGUFExportOptions) -> Path:
     return out
 
 
-# --outtype -> the check it must pass: ("top1", minimum agreement) or ("ppl", maximum relative drift).
-THRESHOLDS = {"f32": ("top1", 0.995), "f16": ("top1", 0.99), "bf16": ("top1", 0.99), "q8_0": ("ppl", 0.03)}
-
-
-@dataclass
-class Verification:
-    agreement: object        # compare.Agreement
-    outtype: str
-    passed: bool | None      # None: no threshold for this outtype
-    rule: str
-
-    def line(self) -> str:
-        verdict = {True: "PASS", False: "FAIL", None: "no threshold"}[self.passed]
-        return f"verify {self.outtype}: {self.agreement.line(('torch', 'llama.cpp'))} -> {verdict} ({self.rule})"
-
-
-def verify(gguf_path: Path, model, tokenizer, outtype: str, n_tokens: int = 512) -> Verification:
-    """PyTorch vs llama.cpp on the first `n_tokens` of the held-out text."""
-    from transact_edge import corpus
-    from transact_edge.compare import agreement
-    from transact_edge.llamacpp import open_gguf
-
-    ids = corpus.stream(tokenizer, corpus.DEFAULT, "eval")[:n_tokens]
-    with torch.inference_mode():
-        ref = model(input_ids=ids[None]).logits[0].float()  # (T, V)
-    rt = open_gguf(gguf_path, n_ctx=n_tokens)
-    got = torch.from_numpy(rt.logits(ids.tolist()))
-    rt.llm.close()
-    a = agreement(ref, got, ids)
-    kind, limit = THRESHOLDS.get(outtype, (None, None))
-    if kind == "top1":
-        return Verification(a, outtype, a.top1 >= limit, f"top-1 >= {100 * limit:.1f}%")
-    if kind == "ppl":
-        return Verification(a, outtype, abs(a.ppl_drift) <= limit, f"perplexity within {100 * limit:.0f}%")
-    return Verification(a, outtype, None, "reported only")
+from transact_edge.exporters.gguf_verify import Verification, verify  # noqa: E402,F401  (the documented entry point)
