@@ -188,12 +188,16 @@ def _int8(fp32: Path, out: Path) -> None:
 
 
 def _int4(fp32: Path, out: Path, block_size: int = 32) -> None:
-    """Weight-only 4-bit: every MatMul with constant weights becomes MatMulNBits (onnxruntime's own
-    quantizer; symmetric blocks of `block_size` along the input dimension, fp32 accumulation)."""
+    """Weight-only 4-bit: every MatMul with constant weights becomes MatMulNBits, through onnxruntime's
+    own quantizer with its data-free HQQ algorithm (a scale and zero point per block of `block_size`
+    along the input dimension, fitted by half-quadratic optimisation). Measured on SmolLM2 (8192
+    held-out tokens): HQQ keeps perplexity at fp32's (137.0 vs 137.1) where round-to-nearest
+    symmetric blocks of 32 lose 33% (181.7) and of 16, 42%."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=4, block_size=block_size, is_symmetric=True)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=4, block_size=block_size,
+                                     algo_config=HQQWeightOnlyQuantConfig(block_size=block_size))
     quantizer.process()
     large = fp32.with_suffix(".onnx.data").exists()
     quantizer.model.save_model_to_file(str(out), use_external_data_format=large)
