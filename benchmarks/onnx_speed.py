@@ -55,9 +55,11 @@ def genai_tg(directory: Path, prompt: np.ndarray, n: int) -> float:
 
 
 def measure(ckpt: str, kind: str, tmp: Path, a) -> dict:
-    quantize = None if kind in ("fp32", "fp16") else kind
+    quantize, _, algo = kind.partition("-")  # int4-rtn: int4 through round-to-nearest
+    quantize = None if quantize in ("fp32", "fp16") else quantize
     start = time.perf_counter()
-    graph = export(ONNXExportOptions(ckpt, tmp / f"{Path(ckpt).name}-{kind}", quantize=quantize))
+    graph = export(ONNXExportOptions(ckpt, tmp / f"{Path(ckpt).name}-{kind}", quantize=quantize,
+                                     int4_algo=algo or "hqq"))
     seconds = time.perf_counter() - start
     size = sum(f.stat().st_size for f in graph.parent.glob("model.onnx*"))
     tok = load(ckpt).tokenizer
@@ -91,7 +93,7 @@ def table(rows: list[dict], a) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoints", nargs="+")
-    ap.add_argument("--types", type=lambda v: v.split(","), default=["fp32", "int8", "int4"])
+    ap.add_argument("--types", type=lambda v: v.split(","), default=["fp32", "int8", "int4", "int4-rtn"])
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("-p", type=int, default=128)
     ap.add_argument("-n", type=int, default=32)

@@ -86,6 +86,7 @@ def test_real_pruned_export_parity_and_greedy_text(smollm2, tmp_path, per_layer,
     (["--dtype", "int4"], "unknown --dtype"),
     (["--quantize", "int2"], "unknown --quantize"),
     (["--quantize", "int4", "--block-size", "24"], "--block-size must be a power of two"),
+    (["--quantize", "int4", "--int4-algo", "gptq"], "unknown --int4-algo"),
     (["--dtype", "fp16", "--quantize", "int8"], "starts from --dtype fp32"),
 ])
 def test_onnx_bad_options(argv, needle, tmp_path, tiny_llama_dir, capsys):

@@ -137,6 +137,8 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp32", help="ONNX: fp32 or fp16")
     p.add_argument("--quantize", help="ONNX: int8 (dynamic, onnxruntime) or int4 (weight-only MatMulNBits)")
     p.add_argument("--block-size", type=int, default=32, help="ONNX int4: weights per quantization block (32)")
+    p.add_argument("--int4-algo", default="hqq", help="ONNX int4: hqq (data-free fit, keeps perplexity; default) or "
+                   "rtn (round-to-nearest: onnxruntime's faster kernels, loses more)")
     p.add_argument("--outfile", type=Path, help="GGUF: default {checkpoint}-{outtype}.gguf; ONNX: a directory "
                    "(default {checkpoint}-onnx-{dtype}: model.onnx, genai_config.json, tokenizer), or a .onnx path "
                    "with those files beside it")

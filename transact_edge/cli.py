@@ -148,7 +148,7 @@ FORMATS = {
     "gguf": ("transact_edge.exporters.gguf", lambda m, a: m.GGUFExportOptions(a.path, a.outtype or "f16", a.outfile),
              lambda a: a.outtype or "f16"),
     "onnx": ("transact_edge.exporters.onnx",
-             lambda m, a: m.ONNXExportOptions(a.path, a.outfile, a.dtype, a.quantize, a.block_size),
+             lambda m, a: m.ONNXExportOptions(a.path, a.outfile, a.dtype, a.quantize, a.block_size, a.int4_algo),
              lambda a: a.quantize or a.dtype),
 }
 
@@ -271,10 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                             format="%(name)s: %(message)s")
         quiet = os.environ.get("RANK", "0") != "0"  # the other processes of a launched run
         logging.getLogger("transact_edge").setLevel(logging.WARNING if quiet else logging.INFO)
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()  # our own bars cover the long steps
-        return command(args)
+        return command(args)  # (HF_HUB_DISABLE_PROGRESS_BARS above also silences transformers' own bars)
     except UserError as e:
         print(f"transact-edge: error: {e}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transact_edge.arch import family_of
+from transact_edge.arch import PER_LAYER_PREFIX, family_of
 from transact_edge.checkpoint import atomic_dir
 from transact_edge.errors import UserError
 
@@ -177,12 +177,11 @@ def read_config(source: str):
     """The config of a directory or embedded model without reading weights; None for GGUF files."""
     from transformers import AutoConfig
 
-    from transact_edge import modeling  # noqa: F401
-
     path = resolve(source)
     if path.is_file():
         return None
-    check_hf_dir(path)
+    if check_hf_dir(path).startswith(PER_LAYER_PREFIX):  # only our per-layer configs need our classes
+        from transact_edge import modeling  # noqa: F401  (registers them; ~1 s of model-class imports)
     return AutoConfig.from_pretrained(path)
 
 

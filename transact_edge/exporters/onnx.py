@@ -27,6 +27,7 @@ from transact_edge.shapes import head_dim, layer_shapes
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 QUANTIZE = ("int8", "int4")
+INT4_ALGOS = ("hqq", "rtn")
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to a .data file beside the graph
 
 
@@ -37,6 +38,8 @@ class ONNXExportOptions:
     dtype: str = "fp32"
     quantize: str | None = None      # int8 (dynamic, onnxruntime) or int4 (weight-only MatMulNBits)
     block_size: int = 32             # int4: weights per quantization block
+    int4_algo: str = "hqq"           # int4: hqq (data-free fit, fp32's perplexity) or rtn (symmetric round-to-nearest:
+                                     # onnxruntime's fast kernels, but SmolLM2 loses 33% perplexity)
 
 
 def input_names(n_layer: int) -> list[str]:
@@ -139,6 +142,8 @@ def export(opts: ONNXExportOptions) -> Path:
         raise UserError(f"unknown --dtype {opts.dtype!r}; choose from {', '.join(DTYPES)}")
     if opts.quantize not in (None, *QUANTIZE):
         raise UserError(f"unknown --quantize {opts.quantize!r}; choose from {', '.join(QUANTIZE)}")
+    if opts.int4_algo not in INT4_ALGOS:
+        raise UserError(f"unknown --int4-algo {opts.int4_algo!r}; choose from {', '.join(INT4_ALGOS)}")
     if opts.block_size < 16 or opts.block_size & (opts.block_size - 1):
         raise UserError(f"--block-size must be a power of two >= 16, got {opts.block_size}")
     if opts.quantize and opts.dtype != "fp32":
@@ -153,11 +158,11 @@ def export(opts: ONNXExportOptions) -> Path:
     loaded.model.config._attn_implementation = "sdpa"
     if out.suffix != ".onnx":
         with atomic_dir(out, force=True) as tmp:
-            _stage(loaded, tmp / GRAPH, opts.quantize, opts.block_size)
+            _stage(loaded, tmp / GRAPH, opts.quantize, opts.block_size, opts.int4_algo)
         return out / GRAPH
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        _stage(loaded, tmp / out.name, opts.quantize, opts.block_size)
+        _stage(loaded, tmp / out.name, opts.quantize, opts.block_size, opts.int4_algo)
         for f in sorted(tmp.iterdir(), key=lambda f: f.suffix == ".onnx"):  # the graph last
             f.chmod(0o644)
             os.replace(f, out.parent / f.name)
@@ -166,12 +171,12 @@ def export(opts: ONNXExportOptions) -> Path:
     return out
 
 
-def _stage(loaded, graph: Path, quantize: str | None, block_size: int = 32) -> None:
+def _stage(loaded, graph: Path, quantize: str | None, block_size: int = 32, algo: str = "hqq") -> None:
     """The graph (quantized if asked) at `graph`, genai_config.json and tokenizer files beside it."""
     if quantize:
         fp32 = graph.with_name("fp32.onnx")
         _write(loaded.model, fp32)
-        QUANTIZERS[quantize](fp32, graph, **({"block_size": block_size} if quantize == "int4" else {}))
+        QUANTIZERS[quantize](fp32, graph, **({"block_size": block_size, "algo": algo} if quantize == "int4" else {}))
         for f in graph.parent.glob("fp32.onnx*"):
             f.unlink()
     else:
@@ -187,17 +192,19 @@ def _int8(fp32: Path, out: Path) -> None:
                      use_external_data_format=fp32.with_suffix(".onnx.data").exists())
 
 
-def _int4(fp32: Path, out: Path, block_size: int = 32) -> None:
+def _int4(fp32: Path, out: Path, block_size: int = 32, algo: str = "hqq") -> None:
     """Weight-only 4-bit: every MatMul with constant weights becomes MatMulNBits, through onnxruntime's
     own quantizer with its data-free HQQ algorithm (a scale and zero point per block of `block_size`
     along the input dimension, fitted by half-quadratic optimisation). Measured on SmolLM2 (8192
     held-out tokens): HQQ keeps perplexity at fp32's (137.0 vs 137.1) where round-to-nearest
-    symmetric blocks of 32 lose 33% (181.7) and of 16, 42%."""
+    symmetric blocks of 32 lose 33% (181.7) and of 16, 42%. HQQ's float zero points take MatMulNBits'
+    slower CPU path (SmolLM2 decodes 3.8x slower than fp32 with onnxruntime 1.32); `algo="rtn"` gives
+    symmetric round-to-nearest blocks, which the fast kernels take."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=4, block_size=block_size,
-                                     algo_config=HQQWeightOnlyQuantConfig(block_size=block_size))
+    fit = {"algo_config": HQQWeightOnlyQuantConfig(block_size=block_size)} if algo == "hqq" else {"is_symmetric": True}
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=4, block_size=block_size, **fit)
     quantizer.process()
     large = fp32.with_suffix(".onnx.data").exists()
     quantizer.model.save_model_to_file(str(out), use_external_data_format=large)
