@@ -271,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
                             format="%(name)s: %(message)s")
         quiet = os.environ.get("RANK", "0") != "0"  # the other processes of a launched run
         logging.getLogger("transact_edge").setLevel(logging.WARNING if quiet else logging.INFO)
-        return command(args)  # (HF_HUB_DISABLE_PROGRESS_BARS above also silences transformers' own bars)
+        if "transformers" in sys.modules:  # imported before the variable above was set (a caller's process)
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
+        return command(args)  # (else HF_HUB_DISABLE_PROGRESS_BARS silences transformers' own bars when it loads)
     except UserError as e:
         print(f"transact-edge: error: {e}", file=sys.stderr)
         return 2
