@@ -55,10 +55,11 @@ class TorchSession:
 
 class LlamaCppSession:
     def __init__(self, path: str, n_ctx: int, threads: int | None = None, flash_attn: bool = True,
-                 logits: bool = True):
+                 logits: bool = True, kv_type: str = "f16"):
         from transact_edge.llamacpp import open_gguf
 
-        self.rt = open_gguf(Path(path), n_ctx=n_ctx, flash_attn=flash_attn, threads=threads, logits_all=logits)
+        self.rt = open_gguf(Path(path), n_ctx=n_ctx, flash_attn=flash_attn, threads=threads, logits_all=logits,
+                            kv_type=kv_type)
         self.kv = self.rt.kv_cache()
         self.logits = self.rt.batch_logits
 
@@ -130,7 +131,7 @@ FILES = {"llama.cpp": "a GGUF file", "onnxruntime": "an ONNX file"}  # what each
 
 
 def open_runtime(name: str, path: str | Path, n_ctx: int = 512, threads: int | None = None, **options):
-    """A session of runtime `name` over `path`; options: flash_attn, logits (llama.cpp)."""
+    """A session of runtime `name` over `path`; options: flash_attn, kv_type, logits (llama.cpp)."""
     if name not in RUNTIMES:
         raise UserError(f"unknown runtime {name!r}; choose from {', '.join(RUNTIMES)}")
     if name in FILES and not Path(path).is_file():

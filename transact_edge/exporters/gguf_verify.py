@@ -84,7 +84,7 @@ def verify(gguf_path: Path, model, tokenizer, outtype: str, n_tokens: int = 512)
     """Exactness and deployment drift on the first `n_tokens` of the held-out text."""
     from transact_edge import corpus
     from transact_edge.compare import agreement
-    from transact_edge.llamacpp import open_gguf
+    from transact_edge.runtimes import open_runtime
 
     ids = corpus.stream(tokenizer, corpus.DEFAULT, "eval")[:n_tokens]
     reference = rounded(model, gguf_path)
@@ -92,11 +92,11 @@ def verify(gguf_path: Path, model, tokenizer, outtype: str, n_tokens: int = 512)
         ref = (reference or model.float())(input_ids=ids[None]).logits[0].float()  # (T, V)
 
     def run(flash_attn: bool, kv_type: str) -> torch.Tensor:
-        rt = open_gguf(gguf_path, n_ctx=n_tokens, flash_attn=flash_attn, kv_type=kv_type)
+        session = open_runtime("llama.cpp", gguf_path, n_ctx=n_tokens, flash_attn=flash_attn, kv_type=kv_type)
         try:
-            return torch.from_numpy(rt.logits(ids.tolist()))
+            return session.logits(ids[None])[0]
         finally:
-            rt.llm.close()
+            session.close()
 
     drift = agreement(ref, run(True, "f16"), ids)
     if reference is None:

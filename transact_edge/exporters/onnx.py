@@ -242,14 +242,14 @@ def verify(path: Path, model, tokenizer, kind: str, n_tokens: int = 256, n_gener
     """onnxruntime vs PyTorch: logits on held-out text and greedy continuation of its first 32 tokens."""
     from transact_edge import corpus
     from transact_edge.compare import agreement
-    from transact_edge.ortruntime import OrtModel
+    from transact_edge.runtimes import open_runtime
 
     ids = corpus.stream(tokenizer, corpus.DEFAULT, "eval")[:n_tokens]
-    ort = OrtModel(path)
+    session = open_runtime("onnxruntime", path, n_ctx=n_tokens)
     with torch.inference_mode():
         ref = model(input_ids=ids[None]).logits[0].float()
-    a = agreement(ref, ort.logits(ids[None])[0], ids)
+    a = agreement(ref, session.logits(ids[None])[0], ids)
     prompt = ids[:32]
-    same = _torch_greedy(model, prompt, n_generate) == list(ort.generate(prompt.tolist(), n_generate))
+    same = _torch_greedy(model, prompt, n_generate) == list(session.model.generate(prompt.tolist(), n_generate))
     passed = (a.max_abs_diff <= 1e-3 and same) if kind == "fp32" else None
     return ONNXVerification(a, same, n_generate, kind, passed)
