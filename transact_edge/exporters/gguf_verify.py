@@ -105,7 +105,7 @@ def verify(gguf_path: Path, model, tokenizer, outtype: str, n_tokens: int = 512)
     rel = max(EXACT.get(t, EXACT_QUANTIZED) for t in _weight_types(gguf_path))
     bound = rel * float(ref.abs().max())
     return Verification(exact, drift, outtype, exact.max_abs_diff <= bound,
-                        f"max |Δlogit| <= {bound:.3g}, {rel:g} x max |logit|")
+                        f"max abs Δlogit <= {bound:.3g}, {rel:g} x max abs logit")
 
 
 def _weight_types(gguf_path: Path) -> set[str]:

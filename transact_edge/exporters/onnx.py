@@ -128,7 +128,7 @@ def _write(model, path: Path) -> None:
                tuple({0: batch, 2: past} for _ in range(2 * n_layer)))
     large = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
     with torch.no_grad():
-        torch.onnx.export(_WithExplicitCache(model), _example(model), str(path), dynamo=True,
+        torch.onnx.export(_WithExplicitCache(model).eval(), _example(model), str(path), dynamo=True,
                           dynamic_shapes=dynamic, input_names=input_names(n_layer),
                           output_names=output_names(n_layer), external_data=large, optimize=True)
 
