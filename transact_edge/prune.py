@@ -87,6 +87,7 @@ class _Run:
     start: int = 0          # the first shot still to run
     state: dict = field(default_factory=dict)  # of the checkpoint resumed from
     live: bool = False      # resumed inside a shot's recovery
+    replay: plan.Plan | None = None  # --plan: the saved cut to apply instead of scoring
 
     @property
     def main(self) -> bool:
@@ -153,10 +154,10 @@ def _begin(opts: PruneOptions, group, model, tok, path: Path, calib: torch.Tenso
     if group is not None:
         report["distributed"] = {"processes": group.world, "backend": group.backend, "sharding": opts.sharding}
     if opts.plan:
-        replay = plan.Plan.load(Path(opts.plan))
-        replay.check_source(layer_shapes(model.config), f"--plan {opts.plan}")
-        report["replayed"] = {"plan": opts.plan, "made_from": replay.source.get("model")}
-        run.kept.made = replay.made
+        run.replay = plan.Plan.load(Path(opts.plan))
+        run.replay.check_source(layer_shapes(model.config), f"--plan {opts.plan}")
+        report["replayed"] = {"plan": opts.plan, "made_from": run.replay.source.get("model")}
+        run.kept.made = run.replay.made
     if opts.eval and run.main:
         t = time.perf_counter()
         report["perplexity_before"] = _eval(model, tok, opts).as_dict()
@@ -172,8 +173,8 @@ def _shot(run: _Run, shot: int, calib: torch.Tensor, budget: int, teacher, data,
         record = run.state["record"]
     else:
         record = {"shot": shot + 1}
-        if opts.plan:
-            run.model = _replay(run, plan.Plan.load(Path(opts.plan)), record)
+        if run.replay is not None:
+            run.model = _replay(run, run.replay, record)
         else:
             if shot == 0 and opts.drop_layers:
                 run.model = _drop_layers(run.model, calib, opts, run.kept, record)
