@@ -205,9 +205,13 @@ class Plan:
         """The cut of the source model, once its dropped layers are gone, as one shot."""
         return [LayerPlan(k, h, c) for k, h, c in zip(self.kv_heads, self.heads, self.channels)]
 
+    def dense_shapes(self) -> list[LayerShape]:
+        """The source's dense shapes, which the indices number."""
+        return [LayerShape(**s) for s in self.source["layers"]]
+
     def check_source(self, shapes: list[LayerShape], where: str) -> None:
         """Refuse a model whose dense shapes are not the ones the indices number."""
-        want = [LayerShape(**s) for s in self.source["layers"]]
+        want = self.dense_shapes()
         if shapes != want:
             raise UserError(f"{where}: the plan was made for {len(want)} layers of {_shapes_line(want)}, "
                             f"this model has {len(shapes)} layers of {_shapes_line(shapes)}")

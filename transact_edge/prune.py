@@ -23,7 +23,7 @@ from transact_edge.errors import UserError
 from transact_edge.options import PruneOptions, recovery_options, validate
 from transact_edge.evaluate import perplexity
 from transact_edge.loading import load, read_config, resolve
-from transact_edge.shapes import LayerShape, count_params, head_dim, layer_shapes, summary, widths_line
+from transact_edge.shapes import count_params, head_dim, layer_shapes, summary, widths_line
 from transact_edge.surgery import cut
 
 log = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ def _cut(model, calib: torch.Tensor, shot: int, opts: PruneOptions, kept: plan.P
          group: distributed.Group | None):
     """Score the current model and cut it one shot closer to the final widths."""
     shapes = layer_shapes(model.config)
-    final = plan.target(_widest(_dense(kept)), opts.widths)
+    final = plan.target(_widest(kept.dense_shapes()), opts.widths)
     uniform = plan.step(_widest(shapes), final, opts.shots - shot, opts.widths.round_to)
     t = time.perf_counter()
     scores = salience.METRICS[opts.metric](model, calib, shapes, opts.batch_size, opts.seed * 1000 + shot,
@@ -271,11 +271,6 @@ def _cut(model, calib: torch.Tensor, shot: int, opts: PruneOptions, kept: plan.P
                           for h, g, c in zip(scores.heads, scores.groups, scores.channels)]
     log.info("shot %d/%d: %s", shot + 1, opts.shots, widths_line(new_shapes))
     return model
-
-
-def _dense(kept: plan.Plan) -> list[LayerShape]:
-    """The source's dense shapes, which the plan's indices number."""
-    return [LayerShape(**s) for s in kept.source["layers"]]
 
 
 def _prune_streamed(opts: PruneOptions) -> dict:
