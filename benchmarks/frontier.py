@@ -46,6 +46,9 @@ for w in WIDTHS:
     for loss, lr in (("kd", 3e-4), ("lm", 3e-4)):
         POINTS[f"{w}-{loss}"] = dict(widths=w, recovery=loss, lr=lr, train_tokens=16_000_000)
     POINTS[f"{w}-kd-50M"] = dict(widths=w, recovery="kd", lr=3e-4, train_tokens=50_000_000)
+    # the same 16M tokens, three quarters of them sampled from the teacher (12M distinct tokens, not 64 epochs)
+    POINTS[f"{w}-kd-gen"] = dict(widths=w, recovery="kd", lr=3e-4, train_tokens=16_000_000,
+                                 train_data="wiki@1,generated@3", gen_tokens=12_000_000)
 for n in (8, 15):  # ~75% and ~50% of the layers' parameters
     POINTS[f"depth{n}-llama"] = dict(drop_layers=n, llama_quantize=True)
     POINTS[f"depth{n}-kd"] = dict(drop_layers=n, recovery="kd", lr=3e-4, train_tokens=16_000_000)
@@ -138,10 +141,11 @@ def run_point(name: str, a) -> None:
         report = prune(PruneOptions(
             model=a.model, out=out, widths=widths, train_tokens=spec.get("train_tokens", 0),
             recovery=spec.get("recovery", "kd"), lr=spec.get("lr", 3e-4), drop_layers=spec.get("drop_layers", 0),
-            train_data=a.train_data, val_every=50, seed=0, force=True, **CALIB))
+            train_data=spec.get("train_data", a.train_data), gen_tokens=spec.get("gen_tokens", 0), val_every=50, seed=0, force=True, **CALIB))
         record["params"] = report["pruned"]["params"]
         record["recovery"] = [{k: v for k, v in s["recovery"].items() if k not in ("loss_curve",)}
                               for s in report["shots"] if "recovery" in s]
+        record["generated"] = {k: v for k, v in report.get("generated", {}).items() if k != "file"} or None
         source = str(out)
     record["seconds_prune"] = time.perf_counter() - t
     f16 = export(GGUFExportOptions(source, "f16", work / f"{name}-f16.gguf"))
