@@ -152,17 +152,14 @@ def run_point(name: str, a) -> None:
     layers = shortgpt_layers(spec["drop_layers"], a.model) if spec.get("llama_quantize") else None
     record["pruned_layers"] = layers
     files = texts(a)
-    rows = []
-    for outtype in a.types:
+    info = machine()
+    for outtype in a.types:  # each row appended as soon as it is scored: a slot that runs out keeps what it measured
         gguf = quantize(f16, outtype, layers) if outtype != "f16" or layers else f16
         row = record | {"type": outtype, "bytes": gguf.stat().st_size, "tg64_tok_s": decode_speed(gguf, a)}
         row |= {f"ppl_{k}": perplexity(gguf, f, a) for k, f in files.items()}
-        rows.append(row)
         print(json.dumps({k: row[k] for k in ("point", "type", "bytes", "tg64_tok_s", *[f"ppl_{k}" for k in files])}),
               flush=True)
-    info = machine()
-    with a.results.open("a") as f:
-        for row in rows:
+        with a.results.open("a") as f:
             f.write(json.dumps(row | {"machine": info, "chunks": a.chunks}) + "\n")
 
 
