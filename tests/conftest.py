@@ -28,8 +28,13 @@ COMMON = dict(hidden_size=96, head_dim=16, intermediate_size=128, num_hidden_lay
               max_position_embeddings=512)
 
 
-def tiny_model(family: str, seed: int = 0):
-    cfg = getattr(transformers, FAMILIES[family].config_class)(**COMMON, **TINY[family])
+# Llama 3.1's rope scaling on a short original context, so that 512 positions reach its scaled pairs
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def tiny_model(family: str, seed: int = 0, **overrides):
+    cfg = getattr(transformers, FAMILIES[family].config_class)(**(COMMON | TINY[family] | overrides))
     torch.manual_seed(seed)
     model = getattr(transformers, FAMILIES[family].model_class)(cfg).eval()
     with torch.no_grad():  # spread the activations so that salience has something to rank

@@ -106,7 +106,7 @@ def test_export_missing_dir_and_unrepresentable(tmp_path, tokenizer, capsys):
     rc = main(["export", str(tmp_path / "nope"), "--outfile", str(tmp_path / "m.gguf")])
     assert rc == 2 and "no such file" in capsys.readouterr().err
     model = tiny_model("llama")
-    model.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    model.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
     save(tmp_path / "ckpt", model, tokenizer)
     before = sorted(p.name for p in tmp_path.iterdir())
     rc = main(["export", str(tmp_path / "ckpt"), "--outfile", str(tmp_path / "m.gguf")])

@@ -74,6 +74,24 @@ def check_hf_dir(path: Path) -> str:
     return model_type
 
 
+def _gguf_rope(reader, arch: str) -> dict:
+    """rope_parameters of a GGUF: its rope keys and rope_freqs tensor (llama3 scaling), which
+    transformers' GGUF loader ignores."""
+    from transact_edge.ggufrope import ROPE_FREQS, from_gguf
+
+    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith((f"{arch}.rope.", "transact.rope."))}
+    meta[f"{arch}.context_length"] = reader.get_field(f"{arch}.context_length").contents()
+    freqs = next((t.data for t in reader.tensors if t.name == ROPE_FREQS), None)
+    return from_gguf(meta, arch, freqs)
+
+
+def _set_rope(model, rope: dict) -> None:
+    """Give `model` these rope parameters; its rotary embedding (non-persistent inv_freq) is rebuilt."""
+    model.config.rope_parameters = rope
+    with torch.device("cpu"):
+        model.model.rotary_emb = type(model.model.rotary_emb)(model.config)
+
+
 def _load_deci(path: Path, reader, dtype: torch.dtype):
     """A per-layer GGUF (llama.cpp architecture `deci`, as our exporter writes it) as a per-layer model.
 
@@ -96,7 +114,7 @@ def _load_deci(path: Path, reader, dtype: torch.dtype):
         d[key] = max(d[PER_LAYER_KEYS[field]])
     tensors = {t.name: t for t in reader.tensors}
     d |= {"vocab_size": len(value("tokenizer.ggml.tokens")), "tie_word_embeddings": "output.weight" not in tensors,
-          "rope_parameters": {"rope_type": "default", "rope_theta": value("deci.rope.freq_base")},
+          "rope_parameters": _gguf_rope(reader, "deci"),
           "bos_token_id": value("tokenizer.ggml.bos_token_id"), "eos_token_id": value("tokenizer.ggml.eos_token_id"),
           "dtype": dtype}
     family = value("transact.family") or "llama"
@@ -117,9 +135,7 @@ def _load_deci(path: Path, reader, dtype: torch.dtype):
             w = from_llama_cpp(w, shapes[il].n_head if ".q_proj." in key else shapes[il].n_kv_head)
         state[key] = torch.from_numpy(np.array(w, dtype=np.float32)).to(dtype)  # a writable copy
     model.load_state_dict(state, strict=False, assign=True)
-    with torch.device("cpu"):
-        rotary = type(model.model.rotary_emb)(config)  # non-persistent buffers are not in the file
-    model.model.rotary_emb = rotary
+    _set_rope(model, config.rope_parameters)  # non-persistent buffers are not in the file
     model.tie_weights()
     tok = PreTrainedTokenizerFast.from_pretrained(path.parent, gguf_file=path.name)
     return model, tok
@@ -134,6 +150,7 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     if arch == PER_LAYER_ARCH:
         return _load_deci(path, reader, dtype)
     family_of(arch)
+    rope = _gguf_rope(reader, arch)
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -143,6 +160,8 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    if rope["rope_type"] != "default":
+        _set_rope(model, rope)
     return model, tok
 
 

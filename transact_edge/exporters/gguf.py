@@ -24,6 +24,7 @@ from transact_edge.checkpoint import atomic_file, read_report
 from transact_edge.errors import UserError
 from transact_edge.exporters import provenance
 from transact_edge.ggufmap import NORM_ROPE, PER_LAYER_ARCH, read_kv, to_llama_cpp
+from transact_edge.ggufrope import FREQ_FACTOR_ARCHS, ROPE_FREQS, add_keys, rope_freqs, scaling
 from transact_edge.loading import EMBEDDED, embedded_gguf, read_config, resolve
 from transact_edge.shapes import LayerShape, head_dim, is_uniform, layer_shapes
 
@@ -96,10 +97,7 @@ def _hf_tokenizer(writer, directory: Path) -> None:
 
 
 def _rope_theta(config) -> float:
-    rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise UserError(f"rope scaling {rope.get('rope_type')!r} is not supported by the GGUF exporter yet")
-    return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    return float(scaling(config)["rope_theta"])
 
 
 def _tensor_type(name: str, shape: tuple[int, ...], wanted):
@@ -141,6 +139,9 @@ def write(directory: Path, config, source_gguf: Path | None, path: Path, outtype
     writer = gguf.GGUFWriter(path, arch)
     files = [safe_open(f, framework="pt") for f in sorted(directory.glob("*.safetensors"))]
     plan = _tensor_infos(writer, files, config, arch, gguf.GGMLQuantizationType[PY_OUTTYPES[outtype][0]])
+    freqs = rope_freqs(config, head_dim(config))  # llama3 scaling: F32 divisors, written after the weights
+    if freqs is not None:
+        writer.add_tensor_info(ROPE_FREQS, freqs.shape, freqs.dtype, freqs.nbytes)
     params = sum(int(np.prod(f.get_slice(key).get_shape())) for f, key, _ in plan)
     provenance.for_export(directory, source_gguf, report, params).set_gguf_meta_model(writer)
     _metadata(writer, config, shapes, outtype, report)
@@ -157,14 +158,19 @@ def write(directory: Path, config, source_gguf: Path | None, path: Path, outtype
             il = int(key.split(".")[2])
             data = to_llama_cpp(data, shapes[il].n_head if ".q_proj." in key else shapes[il].n_kv_head)
         writer.write_tensor_data(gguf.quants.quantize(data, qtype))
+    if freqs is not None:
+        writer.write_tensor_data(freqs)
     writer.close()
 
 
 def _architecture(config, shapes: list[LayerShape]) -> str:
-    """The family's own llama.cpp graph for uniform widths it can run, else the per-layer `deci`."""
+    """The family's own llama.cpp graph for uniform widths it can run, else the per-layer `deci` (also
+    for llama3 rope scaling in a graph that does not load rope_freqs: qwen2)."""
     family = family_of(config.model_type)
     narrow = shapes[0].n_head * head_dim(config) != config.hidden_size
-    return family.gguf_arch if is_uniform(shapes) and (family.gguf_narrow or not narrow) else PER_LAYER_ARCH
+    freqs = scaling(config)["rope_type"] == "llama3" and family.gguf_arch not in FREQ_FACTOR_ARCHS
+    own = is_uniform(shapes) and (family.gguf_narrow or not narrow) and not freqs
+    return family.gguf_arch if own else PER_LAYER_ARCH
 
 
 def _metadata(writer, config, shapes: list[LayerShape], outtype: str, report: dict | None) -> None:
@@ -185,6 +191,7 @@ def _metadata(writer, config, shapes: list[LayerShape], outtype: str, report: di
     writer.add_value_length(hd)
     writer.add_rope_dimension_count(hd)
     writer.add_rope_freq_base(_rope_theta(config))
+    add_keys(writer, scaling(config))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_string("transact.family", family_of(config.model_type).model_type)  # our importer's classes
@@ -259,7 +266,7 @@ def export(opts: GGUFExportOptions) -> Path:
         raise UserError(f"{out.parent}: output's parent directory does not exist")
     if any(s.ffn_dim == 0 for s in layer_shapes(config)):  # llama.cpp's deci skips such layers, attention too
         raise UserError("a layer with MLP width 0 cannot be represented in llama.cpp's deci graph")
-    _rope_theta(config)
+    scaling(config)  # refused before anything is written
 
     source = _source_gguf(report, opts.checkpoint)
     with atomic_file(out) as tmp:
