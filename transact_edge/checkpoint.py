@@ -8,8 +8,11 @@ plus `transact.json`, the record of what was done.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import resource
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -30,20 +33,63 @@ def check_output(final: Path, force: bool) -> None:
         raise UserError(f"{final.parent}: output's parent directory does not exist")
 
 
+FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def require_space(directory: Path, need: int, what: str) -> None:
+    """Refuse before the work when `directory` cannot hold `need` bytes (what the job will write there)."""
+    free = shutil.disk_usage(directory).free
+    if free < need:
+        raise UserError(f"{directory}: {what} needs about {need / 2**30:.2f} GiB free, {free / 2**30:.2f} GiB available")
+
+
+def _errno(e: BaseException) -> int | None:
+    """The errno of a failed write: an OSError's, or the one Rust writers (safetensors) put in the message."""
+    if isinstance(e, OSError):
+        return e.errno
+    found = re.search(r"\(os error (\d+)\)", str(e))
+    return int(found.group(1)) if found else None
+
+
+def refused_write(e: BaseException, tmp: Path) -> bool:
+    """A write of ours that the place refused (not, say, an unreadable input met inside the block).
+    numpy's tofile reports a short write as an OSError without an errno."""
+    short = isinstance(e, OSError) and e.errno is None and "written" in str(e)
+    ours = getattr(e, "filename", None) is None or str(e.filename).startswith(str(tmp))
+    return (_errno(e) in FULL or short) and ours
+
+
+def unwritable(final: Path, e: BaseException) -> UserError:
+    """A write that failed part-way (disk full, file too large, read-only): one line naming the output."""
+    code = _errno(e)
+    if code is not None:
+        why = os.strerror(code)
+    else:  # a short write: say which limit it most likely met
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        why = (f"file too large for the file-size limit of {limit} bytes (ulimit -f)"
+               if limit != resource.RLIM_INFINITY else "short write: the disk is probably full")
+    return UserError(f"{final}: cannot write it ({why}); nothing was left under that name")
+
+
 @contextmanager
 def atomic_dir(final: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `final`; on success it replaces `final`, on error it is removed."""
     check_output(final, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    except OSError as e:
+        raise unwritable(final, e) from None
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         for f in tmp.rglob("*"):  # writers inside may use mkstemp too (transformers' safetensors does)
             if f.is_file():
-                _fsync(f)
+                fsync(f)
             f.chmod((0o666 if f.is_file() else 0o777) & ~_umask())
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if refused_write(e, tmp):
+            raise unwritable(final, e) from None
         raise
     if final.exists():  # --force: move the old one aside first so `final` is never half-written
         trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
@@ -57,14 +103,21 @@ def atomic_dir(final: Path, force: bool = False) -> Iterator[Path]:
 @contextmanager
 def atomic_file(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `final` to write; on success it replaces `final`, else it is removed."""
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    except OSError as e:
+        raise unwritable(final, e) from None
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
-        _fsync(tmp)
+        fsync(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, final)
+    except Exception as e:
+        if refused_write(e, tmp):
+            raise unwritable(final, e) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -75,7 +128,8 @@ def _umask() -> int:
     return mask
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """Data on disk before the rename that publishes it (a crash then never shows an empty file)."""
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 

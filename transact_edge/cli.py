@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from transact_edge.args import build_parser
@@ -260,9 +262,38 @@ COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "export": cmd_export, "inspect
             "build-llama": cmd_build_llama, "demo": cmd_demo}
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so every `with` on the way out removes its temporaries."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+def _signals() -> dict:
+    """SIGTERM cleans up like Ctrl-C; SIGXFSZ (a file-size limit) fails the write instead of killing us
+    mid-file. Returns the handlers replaced (none when not on the main thread, where Python allows none)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    wanted = {signal.SIGTERM: _terminate, signal.SIGXFSZ: signal.SIG_IGN}
+    return {s: signal.signal(s, h) for s, h in wanted.items()}
+
+
+def _fail(message: str, code: int) -> int:
+    """The one line a failed run ends with, on a line of its own even when a progress bar was cut short."""
+    tqdm = sys.modules.get("tqdm")
+    bars = list(getattr(tqdm.tqdm, "_instances", [])) if tqdm else []
+    for bar in bars:
+        bar.close()
+    lead = "\n" if bars else ""
+    print(f"{lead}transact-edge: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    replaced = _signals()
     try:
         args = build_parser().parse_args(argv)
         command = COMMANDS[args.command]
@@ -275,11 +306,14 @@ def main(argv: list[str] | None = None) -> int:
             sys.modules["transformers"].utils.logging.disable_progress_bar()
         return command(args)  # (else HF_HUB_DISABLE_PROGRESS_BARS silences transformers' own bars when it loads)
     except UserError as e:
-        print(f"transact-edge: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"error: {e}", 2)
     except KeyboardInterrupt:
-        print("transact-edge: interrupted", file=sys.stderr)
-        return 130
+        return _fail("interrupted", 130)
+    except Terminated:
+        return _fail("terminated", 143)
+    finally:
+        for sig, handler in replaced.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

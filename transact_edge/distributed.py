@@ -102,6 +102,11 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def first_process() -> bool:
+    """Process 0 of a launched run, or a run without a launcher: the one that owns the output."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def quiet(group: Group | None) -> bool:
     """Progress bars are process 0's alone."""
     return group is not None and not group.main

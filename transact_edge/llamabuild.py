@@ -22,7 +22,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from transact_edge.checkpoint import atomic_file
+from transact_edge.checkpoint import atomic_dir, atomic_file
+from transact_edge.lock import claim
 from transact_edge.errors import UserError
 
 TOOLS = ("llama-bench", "llama-completion", "llama-perplexity", "llama-quantize")
@@ -114,15 +115,41 @@ def _require(program: str, why: str) -> None:
         raise UserError(f"{program} not found ({why})")
 
 
+def _complete(out: Path) -> bool:
+    return all((out / t).is_file() for t in (*TOOLS, "membw"))
+
+
 def build(target: str, ndk: str | None = None, jobs: int | None = None, force: bool = False) -> Path:
-    """Configure and build the tools for `target`; return the directory holding them."""
+    """Configure and build the tools for `target`; return the directory holding them.
+
+    Concurrent builds of one target take turns (the second finds the first's result); the tools are
+    published by one rename, so a build killed at any moment leaves either the old set or none."""
     if target not in TARGETS:
         raise UserError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
-    spec = TARGETS[target]
     out = bin_dir(target)
-    if not force and all((out / t).is_file() for t in (*TOOLS, "membw")):
+    if not force and _complete(out):
         return out
     _require("cmake", "install cmake")
+    cmake, cc = _configure_args(target, ndk)
+    source = vendored_source()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with claim(out, wait=True):
+        if not force and _complete(out):  # built by the run we waited for
+            return out
+        work = out.parent / "cmake-build"
+        _run(["cmake", "-S", str(source), "-B", str(work), *cmake], f"configure {target}")
+        _run(["cmake", "--build", str(work), "--target", *TOOLS, "-j", str(jobs or os.cpu_count() or 1)],
+             f"build {target}")
+        with atomic_dir(out, force=True) as staging:
+            for tool in TOOLS:
+                shutil.copy2(work / "bin" / tool, staging / tool)
+            _compile_membw(target, cc, staging / "membw")
+    return out
+
+
+def _configure_args(target: str, ndk: str | None) -> tuple[list[str], str]:
+    """CMake arguments and the C compiler (for membw) of a target."""
+    spec = TARGETS[target]
     cmake = list(COMMON) + list(spec.cmake)
     cc = spec.cc
     if spec.needs_ndk:
@@ -137,20 +164,7 @@ def build(target: str, ndk: str | None = None, jobs: int | None = None, force: b
         cmake += [f"-DCMAKE_C_FLAGS={spec.cflags}", f"-DCMAKE_CXX_FLAGS={spec.cflags}"]
     if shutil.which("ninja"):
         cmake += ["-G", "Ninja"]
-    source = vendored_source()
-    work = out.parent / "cmake-build"
-    staging = out.parent / ".bin.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    jobs = jobs or os.cpu_count() or 1
-    _run(["cmake", "-S", str(source), "-B", str(work), *cmake], f"configure {target}")
-    _run(["cmake", "--build", str(work), "--target", *TOOLS, "-j", str(jobs)], f"build {target}")
-    for tool in TOOLS:
-        shutil.copy2(work / "bin" / tool, staging / tool)
-    _compile_membw(target, cc, staging / "membw")
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
-    return out
+    return cmake, cc
 
 
 def _compile_membw(target: str, cc: str, out: Path) -> None:

@@ -11,19 +11,20 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from transact_edge import corpus, depth, distributed, heal, plan, recovery, runstate, salience
-from transact_edge.checkpoint import REPORT_FORMAT, atomic_dir, check_output, save
+from transact_edge import corpus, depth, distributed, heal, lock, plan, recovery, runstate, salience
+from transact_edge.checkpoint import REPORT_FORMAT, atomic_dir, check_output, require_space, save
 from transact_edge.errors import UserError
 from transact_edge.options import PruneOptions, recovery_options, validate
 from transact_edge.evaluate import perplexity
 from transact_edge.loading import load, read_config, resolve
-from transact_edge.shapes import count_params, head_dim, layer_shapes, summary, widths_line
+from transact_edge.shapes import config_params, count_params, head_dim, layer_shapes, summary, widths_line
 from transact_edge.surgery import cut
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ def check(opts: PruneOptions, processes: int = 1) -> None:
         plan.target(_widest(layer_shapes(config)), opts.widths)
         if opts.drop_layers:
             depth.check(opts.drop_layers, config.num_hidden_layers)
+    if config is not None:  # float32 weights: the output, and a shot's checkpoint and recovery's beside it
+        copies = 1 + (opts.shots > 1 or opts.train_tokens > 0) + (opts.train_tokens > 0)
+        require_space(opts.out.absolute().parent, copies * 4 * config_params(config), "pruning this model")
 
 
 def prune(opts: PruneOptions) -> dict:
@@ -64,14 +68,15 @@ def prune(opts: PruneOptions) -> dict:
 
     Started by a launcher (distributed.py), every process runs this with the same options.
     """
-    check(opts, distributed.launched_processes())
-    if opts.stream:
-        return _prune_streamed(opts)
-    group = distributed.join(opts.device)
-    try:
-        return _prune(opts, group)
-    finally:
-        distributed.leave()
+    with lock.claim(opts.out) if distributed.first_process() else nullcontext():  # one run per output
+        check(opts, distributed.launched_processes())
+        if opts.stream:
+            return _prune_streamed(opts)
+        group = distributed.join(opts.device)
+        try:
+            return _prune(opts, group)
+        finally:
+            distributed.leave()
 
 
 @dataclass

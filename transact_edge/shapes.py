@@ -54,6 +54,14 @@ def count_params(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def config_params(config: Any) -> int:
+    """Parameters a config describes (biases and norms counted roughly): what a file of it will hold."""
+    hd, d = head_dim(config), config.hidden_size
+    vocab = config.vocab_size * d * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    return vocab + sum((2 * s.n_head + 2 * s.n_kv_head) * hd * d + 3 * s.ffn_dim * d + 2 * d
+                       for s in layer_shapes(config))
+
+
 def summary(shapes: list[LayerShape], hd: int, params: int) -> dict:
     """A model's shapes as transact.json records them (dense and pruned, in memory and streamed)."""
     return {"layers": [s.as_dict() for s in shapes], "uniform": is_uniform(shapes), "head_dim": hd, "params": params,

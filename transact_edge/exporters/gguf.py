@@ -20,13 +20,14 @@ import torch
 from tqdm.auto import tqdm
 
 from transact_edge.arch import family_of
-from transact_edge.checkpoint import atomic_file, read_report
+from transact_edge.checkpoint import atomic_file, read_report, require_space
 from transact_edge.errors import UserError
 from transact_edge.exporters import provenance
 from transact_edge.ggufmap import NORM_ROPE, PER_LAYER_ARCH, read_kv, to_llama_cpp
 from transact_edge.ggufrope import FREQ_FACTOR_ARCHS, ROPE_FREQS, add_keys, rope_freqs, scaling
 from transact_edge.loading import EMBEDDED, embedded_gguf, read_config, resolve
-from transact_edge.shapes import LayerShape, head_dim, is_uniform, layer_shapes
+from transact_edge.lock import claim
+from transact_edge.shapes import LayerShape, config_params, head_dim, is_uniform, layer_shapes
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +255,8 @@ def _warn_fallbacks(path: Path, outtype: str) -> None:
 
 def export(opts: GGUFExportOptions) -> Path:
     """Write the GGUF atomically (temporary sibling + rename); returns its path."""
+    import gguf
+
     if opts.outtype not in OUTTYPES:
         raise UserError(f"unknown --outtype {opts.outtype!r}; choose from {', '.join(OUTTYPES)}")
     directory = resolve(opts.checkpoint)
@@ -267,18 +270,22 @@ def export(opts: GGUFExportOptions) -> Path:
     if any(s.ffn_dim == 0 for s in layer_shapes(config)):  # llama.cpp's deci skips such layers, attention too
         raise UserError("a layer with MLP width 0 cannot be represented in llama.cpp's deci graph")
     scaling(config)  # refused before anything is written
+    qtype = gguf.GGMLQuantizationType[PY_OUTTYPES.get(opts.outtype, ("F32",))[0]]  # K-quants stage an F32 file
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    require_space(out.absolute().parent, int(config_params(config) * size / block) + 2**20, "the GGUF")
 
-    source = _source_gguf(report, opts.checkpoint)
-    with atomic_file(out) as tmp:
-        if opts.outtype in K_OUTTYPES:  # llama.cpp's own quantizer, from an F32 file staged beside
-            staged = tmp.with_suffix(".f32.tmp")
-            try:
-                write(directory, config, source, staged, "f32", report)
-                _llama_quantize(staged, tmp, opts.outtype)
-            finally:
-                staged.unlink(missing_ok=True)
-        else:
-            write(directory, config, source, tmp, opts.outtype, report)
+    with claim(out):  # one writer per output; what a killed export left beside it is swept
+        source = _source_gguf(report, opts.checkpoint)
+        with atomic_file(out) as tmp:
+            if opts.outtype in K_OUTTYPES:  # llama.cpp's own quantizer, from an F32 file staged beside
+                staged = tmp.parent / f"{tmp.name}.f32"
+                try:
+                    write(directory, config, source, staged, "f32", report)
+                    _llama_quantize(staged, tmp, opts.outtype)
+                finally:
+                    staged.unlink(missing_ok=True)
+            else:
+                write(directory, config, source, tmp, opts.outtype, report)
     return out
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from transact_edge.arch import family_of
-from transact_edge.checkpoint import atomic_dir
+from transact_edge.checkpoint import atomic_dir, fsync, refused_write, unwritable
+from transact_edge.lock import claim
 from transact_edge.errors import UserError
 from transact_edge.loading import load, resolve
 from transact_edge.shapes import head_dim, layer_shapes
@@ -154,18 +155,29 @@ def export(opts: ONNXExportOptions) -> Path:
     out = Path(opts.outfile) if opts.outfile else default_outfile(Path(opts.checkpoint), opts.dtype, opts.quantize)
     if not out.parent.is_dir():
         raise UserError(f"{out.parent}: output's parent directory does not exist")
+    with claim(out):  # one writer per output; what a killed export left beside it is swept
+        return _publish(opts, out)
+
+
+def _publish(opts: ONNXExportOptions, out: Path) -> Path:
+    """Stage everything in a temporary sibling, then rename it into place (the graph last)."""
     loaded = load(opts.checkpoint, dtype=DTYPES[opts.dtype])
     loaded.model.config._attn_implementation = "sdpa"
     if out.suffix != ".onnx":
         with atomic_dir(out, force=True) as tmp:
             _stage(loaded, tmp / GRAPH, opts.quantize, opts.block_size, opts.int4_algo)
         return out / GRAPH
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _stage(loaded, tmp / out.name, opts.quantize, opts.block_size, opts.int4_algo)
         for f in sorted(tmp.iterdir(), key=lambda f: f.suffix == ".onnx"):  # the graph last
+            fsync(f)
             f.chmod(0o644)
             os.replace(f, out.parent / f.name)
+    except OSError as e:
+        if refused_write(e, tmp):
+            raise unwritable(out, e) from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

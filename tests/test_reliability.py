@@ -1,0 +1,233 @@
+"""Faults a long job meets, tried on real processes: kill -9 at seeded moments inside each write phase,
+SIGINT/SIGTERM, two runs aimed at one output, file-size limits, full and read-only filesystems.
+
+The kill campaign's size is TRANSACT_EDGE_KILLS (kills per target; a few in the normal suite). The
+figures in the README come from `TRANSACT_EDGE_KILLS=20 python -m pytest -m reliability -s`, which also
+writes benchmarks/results/reliability_kills.json.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from transact_edge.lock import claim
+
+pytestmark = pytest.mark.reliability
+KILLS = int(os.environ.get("TRANSACT_EDGE_KILLS", "2"))
+CLI = [sys.executable, "-m", "transact_edge"]
+TEMPORARY = re.compile(r"\..+\.(tmp|old)-[a-z0-9_]{8}(\.[a-z0-9]+)?")
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "reliability_kills.json"
+
+
+def prune_args(src: Path, out: Path) -> list[str]:
+    return ["prune", "--model", str(src), "--out", str(out), "--heads", "3", "--kv-heads", "1", "--mlp", "64",
+            "--calib-samples", "4", "--seq-len", "64", "--batch-size", "2", "--shots", "2", "--train-tokens", "768",
+            "--lr", "1e-3", "--device", "cpu", "--val-windows", "2", "--checkpoint-minutes", "0"]
+
+
+def export_args(fmt: str, src: Path, out: Path) -> list[str]:
+    return ["export", str(src), "--format", fmt, "--outfile", str(out)] + (["--outtype", "f16"] if fmt == "gguf" else [])
+
+
+def start(args: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen(CLI + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"HF_HUB_OFFLINE": "1"}, **kw)
+
+
+def run(args: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + args, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"}, **kw)
+
+
+def one_error(stderr: str) -> str:
+    """The run's single error line (progress bars may precede it on stderr); no traceback."""
+    lines = [line for line in stderr.splitlines() if line.startswith("transact-edge: ")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def leftovers(where: Path) -> list[str]:
+    """Temporaries, locks and partial runs anywhere under `where`."""
+    return sorted(str(p.relative_to(where)) for p in where.rglob(".*")
+                  if TEMPORARY.fullmatch(p.name) or p.name.endswith((".lock", ".partial")))
+
+
+def phase(out: Path) -> str:
+    """Which write phase a run is in, from what it has on disk right now."""
+    parent, partial = out.parent, out.parent / f".{out.name}.partial"
+    if any(TEMPORARY.fullmatch(p.name) and p.name.startswith(f".{out.name}.") for p in parent.iterdir()):
+        return "writing the output"
+    if partial.is_dir():
+        names = [p.name for p in partial.iterdir()]
+        if any(TEMPORARY.fullmatch(n) for n in names):
+            return "writing a checkpoint"
+        return "recovery" if names else "between checkpoints"
+    return "before any write" if not (parent / f".{out.name}.lock").exists() else "load, calibration, surgery"
+
+
+def kill_at(proc: subprocess.Popen, out: Path, rng: random.Random, horizon: float, in_write: bool) -> str:
+    """SIGKILL `proc` at a seeded moment: within `horizon` s of its start, or just after a temporary appears
+    (a write in progress). Returns the phase it landed in, or 'finished' if it ended first."""
+    t0, when = time.monotonic(), rng.uniform(0.3, 1.0) * horizon
+    while proc.poll() is None:
+        now = phase(out)
+        if (in_write and now.startswith("writing")) or (not in_write and time.monotonic() - t0 >= when):
+            time.sleep(rng.uniform(0, 0.02) if in_write else 0)
+            landed = phase(out)
+            proc.kill()
+            proc.wait()
+            return landed
+        time.sleep(0.002)
+    return "finished"
+
+
+def digest(path: Path) -> str:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    x, y = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def _record(target: str, landed: list[str]) -> None:
+    data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    data[target] = {"kills": len(landed), "landed": dict(Counter(landed)), "date": time.strftime("%Y-%m-%d"),
+                    "command": f"TRANSACT_EDGE_KILLS={KILLS} python -m pytest -m reliability tests/test_reliability.py"}
+    if KILLS >= 10:  # the campaign's figures, not the normal suite's short run
+        RESULTS.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"\n{target}: {len(landed)} kills landed in {dict(Counter(landed))}")
+
+
+def test_kill_9_during_prune_then_resume_gives_the_uninterrupted_weights(tiny_llama_dir, tmp_path):
+    """Kills anywhere (seeded times) and inside writes (a checkpoint's, the output's): never an incomplete
+    output; --resume then sweeps what the dead run left and ends with the uninterrupted run's weights."""
+    ref = tmp_path / "reference"
+    t = time.monotonic()
+    assert run(prune_args(tiny_llama_dir, ref)).returncode == 0
+    horizon = time.monotonic() - t
+    rng, landed = random.Random(0), []
+    for i in range(KILLS):
+        out = tmp_path / f"run{i}"
+        landed.append(kill_at(start(prune_args(tiny_llama_dir, out)), out, rng, horizon, in_write=i % 2 == 1))
+        assert not out.exists() or same_weights(out, ref), landed[-1]  # published only whole
+        if not out.exists():
+            done = run(prune_args(tiny_llama_dir, out) + ["--resume"])
+            assert done.returncode == 0, done.stderr
+        assert same_weights(out, ref), landed[-1]
+        assert json.loads((out / "transact.json").read_text())["plan"] == \
+            json.loads((ref / "transact.json").read_text())["plan"]
+        assert leftovers(tmp_path) == [], landed[-1]
+    _record("prune", landed)
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "onnx"])
+def test_kill_9_during_export_leaves_the_old_file_or_none(fmt, tiny_llama_dir, tmp_path):
+    ref = tmp_path / "reference" / f"m.{fmt}"  # the same name in every run: the name is in the metadata
+    ref.parent.mkdir()
+    t = time.monotonic()
+    assert run(export_args(fmt, tiny_llama_dir, ref)).returncode == 0
+    horizon, expected = time.monotonic() - t, digest(ref)
+    rng, landed = random.Random(1), []
+    for i in range(KILLS):
+        out = tmp_path / f"run{i}" / f"m.{fmt}"
+        out.parent.mkdir()
+        landed.append(kill_at(start(export_args(fmt, tiny_llama_dir, out)), out, rng, horizon, in_write=i % 2 == 1))
+        assert not out.exists() or digest(out) == expected, landed[-1]
+        done = run(export_args(fmt, tiny_llama_dir, out))
+        assert done.returncode == 0, done.stderr
+        assert digest(out) == expected and leftovers(tmp_path) == [], landed[-1]
+    _record(f"export --format {fmt}", landed)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_sigint_clean_up(sig, code, tiny_llama_dir, tmp_path):
+    out = tmp_path / "m.gguf"
+    proc = start(export_args("gguf", tiny_llama_dir, out))
+    while proc.poll() is None and phase(out) != "writing the output":
+        time.sleep(0.002)
+    proc.send_signal(sig)
+    assert proc.wait() == code, proc.stderr.read()
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_second_run_on_one_output_exits_2_at_once(tiny_llama_dir, tmp_path):
+    """The first run to start holds the lock and finishes; the second leaves at once, touching nothing."""
+    out = tmp_path / "pruned"
+    first = start(prune_args(tiny_llama_dir, out))
+    while first.poll() is None and not (tmp_path / ".pruned.lock").exists():
+        time.sleep(0.002)
+    t = time.monotonic()
+    second = run(prune_args(tiny_llama_dir, out))
+    assert second.returncode == 2 and "another run" in one_error(second.stderr)
+    assert time.monotonic() - t < 30
+    assert first.wait() == 0, first.stderr.read()
+    assert (out / "transact.json").is_file() and leftovers(tmp_path) == []
+    gguf = tmp_path / "m.gguf"
+    with claim(gguf):  # an export holding the lock (here: this process)
+        busy = run(export_args("gguf", tiny_llama_dir, gguf))
+    assert busy.returncode == 2 and f"pid {os.getpid()}" in one_error(busy.stderr) and not gguf.exists()
+
+
+def _limit_file_size(limit: int):
+    def pre() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return pre
+
+
+@pytest.mark.parametrize("what", ["gguf", "onnx", "prune"])
+def test_a_write_that_fails_part_way_ends_in_one_line(what, tiny_llama_dir, tmp_path):
+    """A file-size limit (ulimit -f) stops the write mid-file: exit 2, one line naming the output, no
+    temporaries, the input untouched."""
+    before = digest(tiny_llama_dir)
+    out = tmp_path / ("pruned" if what == "prune" else f"m.{what}")
+    args = prune_args(tiny_llama_dir, out) if what == "prune" else export_args(what, tiny_llama_dir, out)
+    done = run(args, preexec_fn=_limit_file_size(4 << 20))
+    line = one_error(done.stderr)
+    assert done.returncode == 2 and str(out.parent) in line and out.name in line and "too large" in line.lower()
+    kept = [f".{out.name}.partial"] if what == "prune" else []  # finished shots stay for --resume
+    assert not out.exists() and digest(tiny_llama_dir) == before
+    assert [p for p in leftovers(tmp_path) if p.split("/")[0] not in kept or TEMPORARY.search(p)] == []
+
+
+def _mount(args: list[str], where: Path) -> bool:
+    return os.geteuid() == 0 and subprocess.run(["mount", *args, str(where)], capture_output=True).returncode == 0
+
+
+def test_full_and_read_only_filesystems(tiny_llama_dir, tmp_path):
+    """A 2 MiB filesystem is refused before the work, with the space needed; a read-only directory at once."""
+    small, ro = tmp_path / "small", tmp_path / "ro"
+    small.mkdir(), ro.mkdir()
+    if not _mount(["-t", "tmpfs", "-o", "size=2m", "tmpfs"], small):
+        pytest.skip("mounting a tmpfs needs root (the RLIMIT_FSIZE test covers a write failing part-way)")
+    try:
+        done = run(export_args("gguf", tiny_llama_dir, small / "m.gguf"))
+        assert done.returncode == 2 and "needs about" in one_error(done.stderr) and "GiB free" in done.stderr
+        assert list(small.iterdir()) == []
+        done = run(prune_args(tiny_llama_dir, small / "pruned"))
+        assert done.returncode == 2 and "needs about" in one_error(done.stderr) and list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)])
+    assert _mount(["--bind", "-o", "ro", str(ro)], ro) or os.chmod(ro, 0o555) is None  # (root ignores modes)
+    try:
+        done = run(export_args("gguf", tiny_llama_dir, ro / "m.gguf"))
+        assert done.returncode == 2 and str(ro) in one_error(done.stderr)
+    finally:
+        subprocess.run(["umount", str(ro)], capture_output=True)
