@@ -40,11 +40,24 @@ def _read_text_file(path: Path) -> list[str]:
             if not line.strip():
                 continue
             try:
-                texts.append(json.loads(line)["text"])
-            except (ValueError, KeyError, TypeError):
+                doc = json.loads(line)["text"]
+            except (ValueError, KeyError, TypeError, RecursionError):
                 raise UserError(f"{path}:{n}: expected a JSON object with a \"text\" field") from None
+            texts.append(json_text(doc, f"{path}:{n}"))
         return texts
     return [text]
+
+
+def json_text(value, where: str) -> str:
+    """A JSON "text" field as a document: a string ('' for null or other types, which are skipped);
+    a lone surrogate escape (no UTF-8 text holds one) is refused."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{where}: \"text\" holds an unpaired surrogate escape, not UTF-8 text") from None
+    return value
 
 
 def open_dataset_dir(path: Path):

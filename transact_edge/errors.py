@@ -2,4 +2,9 @@
 
 
 class UserError(Exception):
-    """Bad input: a message of one line that says what is wrong and what is accepted."""
+    """Bad input: a message of one line that says what is wrong and what is accepted. Characters that
+    would break the line (newlines and other unprintable ones, which names read from a file may hold)
+    are shown escaped."""
+
+    def __init__(self, message: str):
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message)))

@@ -8,10 +8,13 @@ rope (halves), so a uniform Qwen2 keeps its rows as they are.
 """
 from __future__ import annotations
 
+import math
 import mmap
+import os
 
 import numpy as np
 
+from transact_edge.errors import UserError
 from transact_edge.shapes import LayerShape
 
 NORM_ROPE = {"llama", "deci"}     # architectures whose Q/K rows are permuted
@@ -46,91 +49,198 @@ def read_kv(path, prefix: str = "") -> list[tuple[str, object, int, int | None]]
 
 
 class _Cursor:
-    """Sequential reads of GGUF's little-endian header from a buffer."""
+    """Sequential reads of GGUF's little-endian header from a buffer. Every count and length the file
+    claims is compared with the bytes left before anything is read or allocated (ValueError if not)."""
 
     def __init__(self, buf: memoryview, pos: int):
         self.buf, self.pos = buf, pos
 
-    def number(self, fmt: str):
-        v = np.frombuffer(self.buf, fmt, 1, self.pos)[0]
-        self.pos += np.dtype(fmt).itemsize
-        return v.item()
+    def left(self) -> int:
+        return len(self.buf) - self.pos
 
-    def string(self) -> str:
-        n = self.number("<u8")
-        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8")
+    def take(self, n: int, what: str) -> int:
+        """The position of the next n bytes, which must lie in the file."""
+        if n > self.left():
+            raise ValueError(f"{what} at byte {self.pos} needs {n:,} bytes, {self.left():,} are left")
         self.pos += n
-        return s
+        return self.pos - n
 
-    def value(self, vtype: int):
-        import gguf
+    def number(self, fmt: str, what: str):
+        dt = np.dtype(fmt)
+        return np.frombuffer(self.buf, dt, 1, self.take(dt.itemsize, what))[0].item()
 
-        if vtype == gguf.GGUFValueType.STRING:
-            return self.string()
-        v = self.number(_NUMBERS[vtype])
-        return bool(v) if vtype == gguf.GGUFValueType.BOOL else v
+    def count(self, item_bytes: int, what: str) -> int:
+        """A u64 count of items of at least item_bytes each, bounded by the bytes left."""
+        n = self.number("<u8", what)
+        if n * item_bytes > self.left():
+            raise ValueError(f"{what} {n:,} at byte {self.pos - 8} cannot fit in the {self.left():,} bytes left")
+        return n
 
-    def array(self, sub: int) -> list:
-        import gguf
+    def string(self, what: str) -> str:
+        n = self.number("<u8", f"length of {what}")
+        pos = self.take(n, what)
+        try:
+            return bytes(self.buf[pos:pos + n]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{what} at byte {pos} is not UTF-8") from None
 
-        n = self.number("<u8")
-        if sub == gguf.GGUFValueType.STRING:
-            return [self.string() for _ in range(n)]
+    def vtype(self, what: str) -> int:
+        v = self.number("<u4", what)
+        if v not in _NUMBERS and v not in (_STRING, _ARRAY):
+            raise ValueError(f"{what} {v} at byte {self.pos - 4} is not a GGUF value type")
+        return v
+
+    def value(self, vtype: int, key: str):
+        if vtype == _STRING:
+            return self.string(f"value of {key}")
+        v = self.number(_NUMBERS[vtype], f"value of {key}")
+        return bool(v) if vtype == _BOOL else v
+
+    def array(self, sub: int, key: str) -> list:
+        if sub == _STRING:
+            return [self.string(f"an element of {key}") for _ in range(self.count(8, f"length of {key}"))]
+        if sub == _ARRAY:
+            raise ValueError(f"{key}: arrays of arrays are not read")
         dt = np.dtype(_NUMBERS[sub])
-        out = np.frombuffer(self.buf, dt, n, self.pos).tolist()
-        self.pos += n * dt.itemsize
-        return out
+        n = self.count(dt.itemsize, f"length of {key}")
+        return np.frombuffer(self.buf, dt, n, self.take(n * dt.itemsize, key)).tolist()
 
 
 # GGUFValueType -> numpy format (UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, UINT64, INT64, FLOAT64)
 _NUMBERS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
             12: "<f8"}
+_BOOL, _STRING, _ARRAY = 7, 8, 9
+_MIN_KV, _MIN_TENSOR = 13, 32  # bytes of the smallest key-value pair and tensor info
+MAX_DIMS = 4                   # GGML_MAX_DIMS
 
 
 def read_header(path) -> tuple[list[tuple[str, object, int, int | None]], list[tuple[str, tuple[int, ...], int]]]:
     """All metadata (key, value, value type, array element type) and tensor infos (name, shape, type).
 
     gguf.GGUFReader builds a numpy view per array element: ~6 s for a 49K-token vocabulary. This
-    reads the header sequentially instead (numbers via numpy, strings by offset), in ~0.1 s.
+    reads the header sequentially instead (numbers via numpy, strings by offset), in ~0.1 s. Anything
+    malformed, or a tensor whose data the file is too short to hold, is one UserError naming the file.
     """
-    import gguf
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size < 24:
+                raise ValueError("shorter than a GGUF header")
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # only the header's pages are read
+        return _parse(memoryview(mapped))
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    except ValueError as e:
+        raise UserError(f"{path}: not a readable GGUF file ({e})") from None
 
-    with open(path, "rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # only the header's pages are read
-    if mapped[:4] != b"GGUF":
-        raise ValueError("not a GGUF file")
-    c = _Cursor(memoryview(mapped), 8)
-    n_tensors, n_kv = c.number("<u8"), c.number("<u8")
+
+def _parse(buf: memoryview):
+    if bytes(buf[:4]) != b"GGUF":
+        raise ValueError("no GGUF magic number")
+    c = _Cursor(buf, 4)
+    version = c.number("<u4", "version")
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version}; versions 2 and 3 are read")
+    n_tensors, n_kv = c.number("<u8", "tensor count"), c.number("<u8", "key count")
+    if n_tensors * _MIN_TENSOR + n_kv * _MIN_KV > c.left():
+        raise ValueError(f"{n_tensors:,} tensors and {n_kv:,} keys cannot fit in {len(buf):,} bytes")
     out = []
     for _ in range(n_kv):
-        key, vtype = c.string(), gguf.GGUFValueType(c.number("<u4"))
-        if vtype == gguf.GGUFValueType.ARRAY:
-            sub = gguf.GGUFValueType(c.number("<u4"))
-            out.append((key, c.array(sub), vtype, sub))
+        key = c.string("a key")
+        vtype = c.vtype(f"type of {key}")
+        if vtype == _ARRAY:
+            sub = c.vtype(f"element type of {key}")
+            out.append((key, c.array(sub, key), vtype, sub))
         else:
-            out.append((key, c.value(vtype), vtype, None))
-    tensors = []
+            out.append((key, c.value(vtype, key), vtype, None))
+    infos = []
     for _ in range(n_tensors):
-        name = c.string()
-        shape = tuple(c.number("<u8") for _ in range(c.number("<u4")))
-        tensors.append((name, shape, c.number("<u4")))
-        c.number("<u8")  # data offset
-    return out, tensors
+        name = c.string("a tensor name")
+        n_dims = c.number("<u4", f"dimension count of {name}")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise ValueError(f"tensor {name} has {n_dims} dimensions (1 to {MAX_DIMS} are valid)")
+        shape = tuple(c.number("<u8", f"shape of {name}") for _ in range(n_dims))
+        infos.append((name, shape, c.number("<u4", f"type of {name}"), c.number("<u8", f"data offset of {name}")))
+    _check_data(infos, dict((k, v) for k, v, *_ in out).get("general.alignment", 32), c.pos, len(buf))
+    return out, [info[:3] for info in infos]
 
 
-def per_layer(meta: dict, arch: str, key: str, n_layer: int, default=None) -> list:
+def _check_data(infos: list, alignment, header_end: int, size: int) -> None:
+    """Every tensor's type is known and its data lies inside the file."""
+    import gguf
+
+    if not isinstance(alignment, int) or alignment < 1 or alignment & (alignment - 1):
+        raise ValueError(f"general.alignment {alignment!r} is not a power of two")
+    start = -(-header_end // alignment) * alignment
+    if len({name for name, *_ in infos}) != len(infos):
+        raise ValueError("two tensors share a name")
+    for name, shape, ttype, offset in infos:
+        if ttype not in gguf.GGML_QUANT_SIZES:
+            raise ValueError(f"tensor {name} has unknown type {ttype}")
+        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
+        if min(shape) < 1 or shape[0] % block:
+            raise ValueError(f"tensor {name} has shape {list(shape)}, impossible for its type")
+        end = start + offset + math.prod(shape) // block * type_size
+        if end > size:
+            raise ValueError(f"tensor {name}'s data ends at byte {end:,}, past the end of the file ({size:,} bytes)")
+
+
+def _positive(v, key: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{key} is {v!r}, not a positive integer")
+    return v
+
+
+def per_layer(meta: dict, arch: str, key: str, n_layer: int, default=None) -> list[int]:
     """A shape key as one value per layer: GGUF stores an array when layers differ (deci), else one number."""
     v = meta.get(f"{arch}.{key}", default)
-    return list(v) if isinstance(v, list) else [v] * n_layer
+    if isinstance(v, list):
+        if len(v) != n_layer:
+            raise ValueError(f"{arch}.{key} has {len(v)} values for {n_layer} layers")
+        return [_positive(x, f"{arch}.{key}") for x in v]
+    return [_positive(v, f"{arch}.{key}")] * n_layer
 
 
-def layer_shapes(meta: dict) -> tuple[list[LayerShape], int, int]:
-    """Every layer's (n_head, n_kv_head, ffn_dim), and the K and V head sizes, from GGUF metadata."""
-    arch = meta["general.architecture"]
-    n_layer = meta[f"{arch}.block_count"]
+def layer_shapes(meta: dict, tensors: dict[str, tuple[int, ...]]) -> tuple[list[LayerShape], int, int]:
+    """Every layer's (n_head, n_kv_head, ffn_dim), and the K and V head sizes, from GGUF metadata.
+
+    `tensors` (name -> shape, ggml order) bounds the layer count before lists are built, and for the
+    architectures we read, every weight must have the shape the metadata implies (ValueError if not):
+    a loader would otherwise allocate what the metadata claims.
+    """
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str):
+        raise ValueError("general.architecture is missing")
+    n_layer = _positive(meta.get(f"{arch}.block_count"), f"{arch}.block_count")
+    if n_layer > len(tensors):
+        raise ValueError(f"{arch}.block_count is {n_layer:,} but the file holds {len(tensors)} tensors")
     n_head = per_layer(meta, arch, "attention.head_count", n_layer)
-    n_kv = per_layer(meta, arch, "attention.head_count_kv", n_layer, meta[f"{arch}.attention.head_count"])
+    n_kv = per_layer(meta, arch, "attention.head_count_kv", n_layer, meta.get(f"{arch}.attention.head_count"))
     ffn = per_layer(meta, arch, "feed_forward_length", n_layer)
-    hd = meta[f"{arch}.embedding_length"] // max(n_head)
-    k_len = meta.get(f"{arch}.attention.key_length", hd)
-    return ([LayerShape(*row) for row in zip(n_head, n_kv, ffn)], k_len, meta.get(f"{arch}.attention.value_length", k_len))
+    n_embd = _positive(meta.get(f"{arch}.embedding_length"), f"{arch}.embedding_length")
+    k_len = _positive(meta.get(f"{arch}.attention.key_length", max(n_embd // max(n_head), 1)), "key_length")
+    v_len = _positive(meta.get(f"{arch}.attention.value_length", k_len), "value_length")
+    shapes = [LayerShape(*row) for row in zip(n_head, n_kv, ffn)]
+    if arch in CHECKED_ARCHS:
+        tokens = meta.get("tokenizer.ggml.tokens")
+        n_vocab = len(tokens) if isinstance(tokens, list) else tensors.get("token_embd.weight", (0, 0))[-1]
+        for name, want in _weight_shapes(shapes, n_embd, k_len, v_len, n_vocab).items():
+            if name not in tensors and name != "output.weight":
+                raise ValueError(f"tensor {name} is missing")
+            if tensors.get(name, want) != want:
+                raise ValueError(f"tensor {name} has shape {list(tensors[name])}; the metadata implies {list(want)}")
+    return shapes, k_len, v_len
+
+
+CHECKED_ARCHS = {"llama", "qwen2", "deci"}  # whose weight shapes layer_shapes checks
+
+
+def _weight_shapes(shapes: list[LayerShape], n_embd: int, k_len: int, v_len: int, n_vocab: int) -> dict:
+    """name -> ggml shape (columns first) of every weight of a llama-style graph."""
+    want = {"token_embd.weight": (n_embd, n_vocab), "output.weight": (n_embd, n_vocab), "output_norm.weight": (n_embd,)}
+    for il, s in enumerate(shapes):
+        q, k, v = s.n_head * k_len, s.n_kv_head * k_len, s.n_kv_head * v_len
+        want |= {f"blk.{il}.{name}.weight": shape for name, shape in (
+            ("attn_norm", (n_embd,)), ("ffn_norm", (n_embd,)), ("attn_q", (n_embd, q)), ("attn_k", (n_embd, k)),
+            ("attn_v", (n_embd, v)), ("attn_output", (s.n_head * v_len, n_embd)), ("ffn_gate", (n_embd, s.ffn_dim)),
+            ("ffn_up", (n_embd, s.ffn_dim)), ("ffn_down", (s.ffn_dim, n_embd)))}
+    return want

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-
-import numpy as np
 
 from transact_edge.checkpoint import read_report
 from transact_edge.errors import UserError
@@ -14,15 +13,15 @@ from transact_edge.shapes import head_dim, kv_bytes_per_token, layer_shapes
 
 
 def _gguf(path: Path) -> dict:
+    kv, tensors = read_header(path)  # the header alone: gguf.GGUFReader takes seconds on a large vocabulary
+    meta = {k: v for k, v, *_ in kv}
     try:
-        kv, tensors = read_header(path)  # the header alone: gguf.GGUFReader takes seconds on a large vocabulary
-        meta = {k: v for k, v, *_ in kv}
-        shapes, hd, _ = gguf_layer_shapes(meta)
-    except (ValueError, KeyError, OSError) as e:
-        raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        shapes, hd, _ = gguf_layer_shapes(meta, {name: shape for name, shape, _ in tensors})
+    except ValueError as e:
+        raise UserError(f"{path}: not a model GGUF we read ({e})") from None
     transact = {k: v for k, v in meta.items() if k.startswith("transact.")}
     return {"path": str(path), "format": "gguf", "architecture": meta["general.architecture"], "shapes": shapes,
-            "head_dim": hd, "params": sum(int(np.prod(shape)) for _, shape, _ in tensors), "transact": transact or None}
+            "head_dim": hd, "params": sum(math.prod(shape) for _, shape, _ in tensors), "transact": transact or None}
 
 
 def _hf(path: Path) -> dict:

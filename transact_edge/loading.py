@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,15 +48,36 @@ def embedded_gguf(name: str) -> Path:
     return path
 
 
+@contextmanager
+def reading(path: Path, what: str):
+    """Whatever a library raises on a malformed file becomes one UserError naming it: `path: what (error)`."""
+    try:
+        yield
+    except (UserError, MemoryError):  # MemoryError: a size that was not bounded first is a bug to fix
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise UserError(f"{path}: {what} ({type(e).__name__}{': ' if first else ''}{first})") from None
+
+
 def check_gguf(path: Path):
-    """(architecture, gguf.GGUFReader) of a GGUF file; one clear error for anything gguf-py cannot read."""
+    """(architecture, gguf.GGUFReader) of a GGUF file; one clear error for anything gguf-py cannot read.
+
+    gguf-py trusts the counts and shapes a file claims, so our bounded header reader and the shape
+    check against the metadata go first: a hostile count is refused before gguf-py loops over it.
+    """
     import gguf
 
-    try:
+    from transact_edge.ggufmap import PER_LAYER_ARCH, layer_shapes, read_header
+
+    kv, tensors = read_header(path)
+    meta = {k: v for k, v, *_ in kv}
+    if meta.get("general.architecture") != PER_LAYER_ARCH:
+        family_of(str(meta.get("general.architecture")))
+    with reading(path, "not a model GGUF we read"):
+        layer_shapes(meta, {name: shape for name, shape, _ in tensors})
         reader = gguf.GGUFReader(path)
         arch = reader.get_field("general.architecture").contents()
-    except Exception as e:  # gguf-py raises ValueError, struct errors, IndexError on garbage
-        raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
     return arch, reader
 
 
@@ -65,10 +87,10 @@ def check_hf_dir(path: Path) -> str:
     if not cfg.is_file():
         raise UserError(f"{path}: no config.json (expected a Hugging Face model directory or a .gguf file)")
     try:
-        model_type = json.loads(cfg.read_text())["model_type"]
-    except (ValueError, KeyError) as e:
-        raise UserError(f"{cfg}: not a valid model config ({e})") from None
-    family_of(model_type)
+        model_type = json.loads(cfg.read_bytes())["model_type"]
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise UserError(f"{cfg}: not a valid model config ({type(e).__name__}: {e})") from None
+    family_of(str(model_type))
     if not any(path.glob("*.safetensors")):
         raise UserError(f"{path}: no *.safetensors weights (pickled checkpoints are not loaded)")
     return model_type
@@ -108,7 +130,7 @@ def _load_deci(path: Path, reader, dtype: torch.dtype):
     value = lambda key: reader.get_field(key).contents() if reader.get_field(key) else None  # noqa: E731
     meta = {f"deci.{key}": value(f"deci.{key}") for key in CONFIG_KEYS.values()} | {"general.architecture": "deci"}
     d = {hf: meta[f"deci.{key}"] for hf, key in CONFIG_KEYS.items()}
-    shapes, d["head_dim"], _ = layer_shapes(meta)
+    shapes, d["head_dim"], _ = layer_shapes(meta, {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors})
     for field, key in GLOBAL_KEYS.items():
         d[PER_LAYER_KEYS[field]] = [getattr(s, field) for s in shapes]
         d[key] = max(d[PER_LAYER_KEYS[field]])
@@ -201,21 +223,70 @@ def read_config(source: str):
         return None
     if check_hf_dir(path).startswith(PER_LAYER_PREFIX):  # only our per-layer configs need our classes
         from transact_edge import modeling  # noqa: F401  (registers them; ~1 s of model-class imports)
-    return AutoConfig.from_pretrained(path)
+    with reading(path / "config.json", "not a valid model config"):
+        return AutoConfig.from_pretrained(path)
+
+
+def check_weights(path: Path, config) -> None:
+    """The weights `config` implies are those the safetensors files hold, shape for shape, compared on the
+    meta device before anything is allocated: transformers would allocate (and randomly initialise)
+    whatever a config claims and the files lack. Headers are read with sizes checked by safetensors."""
+    from safetensors import safe_open
+
+    from transact_edge.modeling import skeleton
+
+    stored = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with reading(f, "not a readable safetensors file"), safe_open(f, "pt") as st:
+            stored |= {k: tuple(st.get_slice(k).get_shape()) for k in st.keys()}
+    n_layer = getattr(config, "num_hidden_layers", None)
+    if not isinstance(n_layer, int) or not 0 < n_layer <= len(stored):
+        raise UserError(f"{path / 'config.json'}: num_hidden_layers {n_layer!r} does not fit the {len(stored)} "
+                        "tensors of the weights")
+    with reading(path / "config.json", "does not describe a model"):
+        wanted = {k: tuple(v.shape) for k, v in skeleton(config).state_dict().items()}
+    for key, shape in wanted.items():
+        if key == "lm_head.weight" and key not in stored and config.tie_word_embeddings:
+            continue
+        if stored.get(key) != shape:
+            has = f"has shape {list(stored[key])}" if key in stored else "is missing"
+            raise UserError(f"{path}: weight {key} {has}; config.json implies {list(shape)}")
+
+
+def check_finite(name: str, t: torch.Tensor, where) -> None:
+    """Refuse a weight holding NaN or Inf before hours of work on it (checked in chunks: no big temporaries)."""
+    if t.is_floating_point() and not all(torch.isfinite(c).all() for c in t.detach().reshape(-1).split(1 << 24)):
+        raise UserError(f"{where}: weight {name} holds NaN or Inf values; the checkpoint is broken")
 
 
 def load(source: str, dtype: torch.dtype = torch.float32) -> Loaded:
     """Model (eval mode) and tokenizer from a directory, a .gguf file, or an embedded name."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from transact_edge import modeling  # noqa: F401  (registers per-layer classes with the Auto classes)
 
     path = resolve(source)
     if path.is_file():
-        model, tok = _load_gguf(path, dtype)
+        with reading(path, "not a model GGUF we read"):
+            model, tok = _load_gguf(path, dtype)
     else:
-        check_hf_dir(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
-        tok = AutoTokenizer.from_pretrained(path)
+        config = read_config(source)
+        check_weights(path, config)
+        with reading(path, "cannot load this model directory"):
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, use_safetensors=True)
+        tok = load_tokenizer(path)
+    for name, t in model.state_dict().items():
+        check_finite(name, t, path)
     model.eval()
     return Loaded(model, tok, path)
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer of a model directory, tried on a sentence: a broken tokenizer file is one line naming
+    the directory here, not a library error in the middle of a run."""
+    from transformers import AutoTokenizer
+
+    with reading(path, "cannot read its tokenizer files"):
+        tok = AutoTokenizer.from_pretrained(path)
+        tok(["A sentence, to try the tokenizer."])
+    return tok

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transact_edge import plan
 from transact_edge.calibration import Stats, accumulator
 from transact_edge.checkpoint import REPORT, REPORT_FORMAT, atomic_dir
+from transact_edge.loading import check_finite, check_weights, load_tokenizer, reading
 from transact_edge.salience import from_stats
 from transact_edge.shapes import LayerShape, count_params, head_dim, layer_shapes, summary
 from transact_edge.memory import own_peak_rss_mib
@@ -36,19 +37,22 @@ SHARD_BYTES = 2 * 1024**3   # output shards of at most ~2 GiB, as save_pretraine
 
 class Weights:
     """Every tensor of a safetensors checkpoint by name, read on demand. Each read opens the file's
-    memory map and closes it again, so pages already read do not stay mapped into the process."""
+    memory map and closes it again, so pages already read do not stay mapped into the process.
+    Every tensor read is checked for NaN and Inf (a UserError naming it)."""
 
     def __init__(self, directory: Path):
         self.files: dict[str, Path] = {}
         for f in sorted(directory.glob("*.safetensors")):
-            with safe_open(f, "pt") as handle:
+            with reading(f, "not a readable safetensors file"), safe_open(f, "pt") as handle:
                 self.files.update({key: f for key in handle.keys()})
 
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
         out = {}
         for f in dict.fromkeys(self.files[k] for k in keys):
-            with safe_open(f, "pt") as handle:
+            with reading(f, "not a readable safetensors file"), safe_open(f, "pt") as handle:
                 out.update({k: handle.get_tensor(k) for k in keys if self.files[k] == f})
+        for k, v in out.items():
+            check_finite(k, v, self.files[k])
         return out
 
     def prefix(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -105,14 +109,15 @@ def collect_streamed(directory: Path, config, windows: torch.Tensor, batch_size:
         hidden = out
         mha.append(acc_mha)
         mlp.append(acc_mlp)
+    for key in weights.files:  # the rest (final norm, output head) is checked before pass 2 writes
+        if not key.startswith("model.layers."):
+            weights.get(key)
     return Stats(mha, mlp, windows.numel())
 
 
 def write_pruned(directory: Path, out: Path, config, plans: list[plan.LayerPlan], report: dict, start: float) -> None:
     """The pruned checkpoint, shard by shard, tokenizer and transact.json included (atomic; the report's
     total time and peak memory are taken last, before the directory is published)."""
-    from transformers import AutoTokenizer
-
     weights = Weights(directory)
     hd = head_dim(config)
     new_config = config_for(config, [p.shape for p in plans])
@@ -147,7 +152,7 @@ def write_pruned(directory: Path, out: Path, config, plans: list[plan.LayerPlan]
         else:
             (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
         new_config.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(directory).save_pretrained(tmp)
+        load_tokenizer(directory).save_pretrained(tmp)
         report["seconds"]["total"] = time.perf_counter() - start
         report["peak_rss_mib"] = own_peak_rss_mib()
         (tmp / REPORT).write_text(json.dumps(report, indent=1))
@@ -160,6 +165,7 @@ def prune_streamed(directory: Path, out: Path, widths: plan.WidthRequest, window
 
     start = time.perf_counter()
     config = AutoConfig.from_pretrained(directory)
+    check_weights(directory, config)  # before any layer is read: the config must describe these weights
     shapes = layer_shapes(config)
     widest = max(shapes, key=lambda s: (s.n_head, s.ffn_dim))
     uniform = plan.target(widest, widths)

@@ -114,9 +114,9 @@ class JsonlDocs(FileDocs):
             return None
         try:
             text = json.loads(raw)["text"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise UserError(f"{self.path}: line at byte {at} is not a JSON object with a \"text\" field") from None
-        return text if isinstance(text, str) else None
+        return corpus.json_text(text, f"{self.path}: line at byte {at}")
 
 
 class TextDocs(FileDocs):

@@ -2,6 +2,7 @@
 the roofline's denominator and the memory a device profile must allow."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,23 +26,23 @@ class ModelFacts:
 
 
 def gguf_facts(path: Path) -> ModelFacts:
-    try:
-        kv, tensors = read_header(path)
-    except (ValueError, OSError) as e:
-        raise UserError(f"{path}: not a readable GGUF file ({e})") from None
     import gguf
 
+    kv, tensors = read_header(path)  # sizes and types checked against the file
     meta = {k: v for k, v, *_ in kv}
-    shapes, k_len, v_len = layer_shapes(meta)
+    try:
+        shapes, k_len, v_len = layer_shapes(meta, {name: shape for name, shape, _ in tensors})
+    except ValueError as e:
+        raise UserError(f"{path}: not a model GGUF we read ({e})") from None
     nbytes, params, vocab = {}, 0, 0
     for name, shape, ttype in tensors:
         block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
-        n = int(np.prod(shape))
+        n = math.prod(shape)
         nbytes[name], params = n // block * size, params + n
-        if name == "token_embd.weight":
+        if name == "token_embd.weight" and len(shape) == 2:
             vocab = int(shape[1])
     read = sum(nbytes.values())
-    if "output.weight" in nbytes:  # untied: the embedding contributes one row per token
+    if "output.weight" in nbytes and vocab:  # untied: the embedding contributes one row per token
         read -= nbytes["token_embd.weight"] - nbytes["token_embd.weight"] // vocab
     return ModelFacts(str(path), path.stem, sum(nbytes.values()), params, read,
                       sum(s.n_kv_head * (k_len + v_len) for s in shapes) * 2, vocab)   # f16 K and V: llama.cpp's default

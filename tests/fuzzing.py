@@ -1,0 +1,586 @@
+"""Seeded, structure-aware mutation fuzzing of every reader of user files (issue 15, item 3).
+
+`python tests/fuzzing.py --cases 100 --json out.json [--seed 0] [--only gguf-header,...]` builds tiny
+valid files (a BPE tokenizer of 320 tokens, a 2-layer Llama, a per-layer `deci` model, their GGUFs),
+then for each reader mutates them case after case and hands each result to the project's own reader:
+GGUF counts, string lengths, value types, array sizes, tensor shapes, types and offsets, tensor data cut
+short; safetensors header lengths, dtypes, shapes and offsets; config.json sizes, types and syntax;
+tokenizer files; calibration and training text (binary, empty, one token, huge lines).
+
+A clean case is accepted, or refused with a UserError of one line. Anything else is a finding: another
+exception type, a MemoryError (after warm-up the address space is capped at its size then + 1 GiB, so
+an allocation driven by a size the file claims fails instead of passing unnoticed), or a case that runs
+over CASE_SECONDS. The summary counts outcomes per reader and names the slowest case.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import re
+import resource
+import signal
+import struct
+import sys
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+CAP_BYTES = 1 << 30       # growth of the address space allowed after warm-up
+CASE_SECONDS = 30
+# Cases per reader by default (the normal suite): the header reader is cheap, text tokenization is not.
+DEFAULT_CASES = {"gguf-header": 10_000, "gguf-load": 200, "safetensors": 200, "config": 200, "tokenizer": 200,
+                 "calib": 40, "train-data": 40}
+
+
+class CaseTimeout(BaseException):
+    """A case ran over CASE_SECONDS (BaseException: no reader may swallow it)."""
+
+
+# ---------------------------------------------------------------- fixtures
+
+def build(work: Path) -> dict[str, Path]:
+    """Tiny valid inputs: model directories, GGUFs (llama, deci, every value type), texts."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from transact_edge import corpus, plan
+    from transact_edge.calibration import collect
+    from transact_edge.checkpoint import save
+    from transact_edge.exporters.gguf import GGUFExportOptions, export
+    from transact_edge.salience import from_stats
+    from transact_edge.shapes import LayerShape, layer_shapes
+    from transact_edge.surgery import cut
+
+    texts = corpus.default_texts("train")[:12]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, vocab_size=len(tok), max_position_embeddings=128,
+                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    files = {"llama": work / "llama", "deci": work / "deci"}
+    save(files["llama"], model, tok)
+    shapes = layer_shapes(cfg)
+    ids = corpus.token_stream(tok, texts[:2])[:64][None]
+    widths = [LayerShape(2, 1, 32), LayerShape(4, 2, 64)]
+    save(files["deci"], cut(model, plan.select(from_stats(collect(model, ids), shapes), shapes, widths)), tok)
+    for name in ("llama", "deci"):
+        files[f"{name}.gguf"] = export(GGUFExportOptions(str(files[name]), "f32", work / f"{name}.gguf"))
+    files["kitchen.gguf"] = _kitchen_sink(work / "kitchen.gguf")
+    files["calib.txt"] = work / "calib.txt"
+    files["calib.txt"].write_text("\n\n".join(texts[:2]))
+    files["calib.jsonl"] = work / "calib.jsonl"
+    files["calib.jsonl"].write_text("".join(json.dumps({"text": t[:3000]}) + "\n" for t in texts[:4]))
+    return files
+
+
+def _kitchen_sink(path: Path) -> Path:
+    """A GGUF holding a key of every value type, arrays of each, and tensors of three types."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(path, "llama")
+    scalars = {gguf.GGUFValueType.UINT8: 7, gguf.GGUFValueType.INT8: -7, gguf.GGUFValueType.UINT16: 700,
+               gguf.GGUFValueType.INT16: -700, gguf.GGUFValueType.UINT32: 70000, gguf.GGUFValueType.INT32: -70000,
+               gguf.GGUFValueType.FLOAT32: 0.5, gguf.GGUFValueType.BOOL: True, gguf.GGUFValueType.UINT64: 2**40,
+               gguf.GGUFValueType.INT64: -(2**40), gguf.GGUFValueType.FLOAT64: 0.25, gguf.GGUFValueType.STRING: "value"}
+    for vtype, value in scalars.items():
+        w.add_key_value(f"fuzz.{vtype.name.lower()}", value, vtype)
+        sub = [value] * 3 if vtype != gguf.GGUFValueType.STRING else ["a", "bc", "def"]
+        w.add_key_value(f"fuzz.{vtype.name.lower()}s", sub, gguf.GGUFValueType.ARRAY, vtype)
+    rng = np.random.default_rng(0)
+    w.add_tensor("a.weight", rng.standard_normal((4, 32), dtype=np.float32))
+    w.add_tensor("b.weight", rng.standard_normal((2, 32), dtype=np.float32).astype(np.float16))
+    q = gguf.quants.quantize(rng.standard_normal((2, 64), dtype=np.float32), gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("c.weight", q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+# ---------------------------------------------------------------- GGUF mutations
+
+_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def gguf_fields(data: bytes) -> tuple[list[tuple[int, int, str]], int]:
+    """(offset, width, kind) of the fields of a valid GGUF header, and where its tensor infos end."""
+    fields = [(4, 4, "version"), (8, 8, "count"), (16, 8, "count")]
+    n_tensors, n_kv = struct.unpack_from("<QQ", data, 8)
+    pos = 24
+
+    def u(fmt: str, kind: str) -> int:
+        nonlocal pos
+        fields.append((pos, struct.calcsize(fmt), kind))
+        pos += struct.calcsize(fmt)
+        return struct.unpack_from(fmt, data, pos - struct.calcsize(fmt))[0]
+
+    def string() -> None:
+        nonlocal pos
+        n = u("<Q", "length")
+        pos += n
+
+    for _ in range(n_kv):
+        string()
+        vtype = u("<I", "type")
+        if vtype == 9:
+            sub, n = u("<I", "type"), u("<Q", "count")
+            for i in range(n):
+                if sub == 8:
+                    string()
+                elif i < 3:
+                    fields.append((pos, _SIZES[sub], "number"))
+                    pos += _SIZES[sub]
+                else:
+                    pos += _SIZES[sub]
+        elif vtype == 8:
+            string()
+        else:
+            fields.append((pos, _SIZES[vtype], "number"))
+            pos += _SIZES[vtype]
+    for _ in range(n_tensors):
+        string()
+        for _ in range(u("<I", "ndims")):
+            u("<Q", "dim")
+        u("<I", "ttype")
+        u("<Q", "offset")
+    return fields, pos
+
+
+def _interesting(rng: random.Random, old: int, width: int, size: int) -> int:
+    bits = 8 * width
+    pick = rng.choice([0, 1, 2, 3, 4, 8, 255, 256, 0xFFFF, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**40, 2**60,
+                       2**63 - 1, 2**63, 2**64 - 1, old + 1, old - 1, old * 2, old // 2, size, rng.getrandbits(bits),
+                       rng.randrange(64)])
+    return pick % (1 << bits)
+
+
+def mutate_gguf(data: bytes, rng: random.Random, data_bias: float = 0.3) -> tuple[bytes, list[str]]:
+    """1-3 mutations of a valid GGUF: header fields, bytes, splices, and a cut (in the data or header)."""
+    fields, header_end = gguf_fields(data)
+    kinds = sorted({k for _, _, k in fields})
+    buf, ops = bytearray(data), []
+    for _ in range(rng.choice([1, 1, 1, 2, 2, 3])):
+        op = rng.choices(["field", "flip", "splice", "cut", "magic", "nan"], [60, 12, 6, 18, 1, 3])[0]
+        if op == "field":
+            kind = rng.choices(kinds, [1 if k == "version" else 10 for k in kinds])[0]
+            off, width, _ = rng.choice([f for f in fields if f[2] == kind])
+            if off + width > len(buf):
+                continue
+            old = int.from_bytes(buf[off:off + width], "little")
+            if kind == "type":
+                new = rng.choice([*range(14), 2**31, 2**32 - 1])
+            elif kind == "ttype":
+                new = rng.choice([*range(42), 2**32 - 1])
+            else:
+                new = _interesting(rng, old, width, len(data))
+            buf[off:off + width] = (new % (1 << 8 * width)).to_bytes(width, "little")
+            ops.append(f"{kind}@{off}:{old}->{new}")
+        elif op == "flip":
+            at = rng.randrange(8, max(9, min(header_end, len(buf))))
+            if at >= len(buf):
+                continue
+            buf[at] ^= rng.randrange(1, 256)
+            ops.append(f"flip@{at}")
+        elif op == "splice":
+            a = rng.randrange(8, max(9, min(header_end, len(buf))))
+            n = rng.randrange(1, 64)
+            if rng.random() < 0.5:
+                del buf[a:a + n]
+                ops.append(f"delete@{a}+{n}")
+            else:
+                buf[a:a] = buf[a:a + n]
+                ops.append(f"repeat@{a}+{n}")
+        elif op == "cut":
+            he = min(header_end, len(buf))
+            at = rng.randrange(he, len(buf)) if rng.random() < data_bias and len(buf) > he else rng.randrange(0, he)
+            del buf[at:]
+            ops.append(f"cut@{at}")
+        elif op == "magic":
+            buf[rng.randrange(8)] ^= rng.randrange(1, 256)
+            ops.append("magic")
+        elif op == "nan" and len(buf) > header_end + 4:
+            at = rng.randrange(header_end, len(buf) - 4) // 4 * 4
+            buf[at:at + 4] = struct.pack("<f", rng.choice([float("nan"), float("inf"), -float("inf")]))
+            ops.append(f"nan@{at}")
+    return bytes(buf), ops
+
+
+# ---------------------------------------------------------------- safetensors, JSON and text mutations
+
+WEIRD = [None, 0, -1, 1, 2**31, 2**62, 2**64, 10**30, 1.5, -0.5, float("inf"), "", "64", "x" * 300, [], [1, 2],
+         {}, {"a": 1}, True, False]
+
+
+def mutate_safetensors(data: bytes, rng: random.Random) -> tuple[bytes, list[str]]:
+    """A safetensors file with its header length, an entry (dtype, shape, offsets, name), its metadata,
+    its JSON bytes or its data mutated."""
+    n = struct.unpack_from("<Q", data)[0]
+    header, body = json.loads(data[8:8 + n]), bytearray(data[8 + n:])
+    names = sorted(k for k in header if k != "__metadata__")
+    ops, raw_len, raw = [], None, None
+    for _ in range(rng.choice([1, 1, 2, 3])):
+        op = rng.choices(["entry", "drop", "rename", "alias", "meta", "hlen", "json", "cut", "nan"],
+                         [40, 6, 6, 5, 4, 12, 10, 12, 5])[0]
+        name = rng.choice(names)
+        entry = header.get(name)
+        if op == "entry" and isinstance(entry, dict):
+            field = rng.choice(["dtype", "shape", "data_offsets"])
+            a, b = entry["data_offsets"] if isinstance(entry.get("data_offsets"), list) and len(
+                entry["data_offsets"]) == 2 else (0, 0)
+            shape = entry["shape"] if isinstance(entry.get("shape"), list) else [1]
+            choices = {"dtype": ["F16", "BF16", "F64", "I8", "U8", "BOOL", "I64", "F8_E4M3", "XYZ", 1, None, []],
+                       "shape": [[], [0], [-1], [2**62, 2**62], [2**64], "12", [1.5], shape + [1], shape[::-1],
+                                 [shape[0] * 2, *shape[1:]], [1] * 9, [2**31, 2**31, 2**31]],
+                       "data_offsets": [[b, a], [a, a], [a, 2**64], [a, b + 1], [a - 1, b], [0, len(body)], [a], "x",
+                                        None, [-1, b], [a + 2**40, b + 2**40], [a, b + len(body)]]}[field]
+            entry[field] = rng.choice(choices)
+            ops.append(f"{field}:{name}={str(entry[field])[:40]}")
+        elif op == "drop":
+            header.pop(name, None)
+            ops.append(f"drop:{name}")
+        elif op == "rename":
+            header[rng.choice(["model.layers.7.mlp.up_proj.weight", "x", "", "model.norm.weight"])] = header.pop(
+                name, {})
+            ops.append(f"rename:{name}")
+        elif op == "alias":
+            header[f"{name}.copy"] = dict(entry) if isinstance(entry, dict) else entry
+            ops.append(f"alias:{name}")
+        elif op == "meta":
+            header["__metadata__"] = rng.choice([{"format": 1}, [], "x", {"a": {"b": 1}}, None, {"format": "tf"}])
+            ops.append("meta")
+        elif op == "hlen":
+            raw_len = rng.choice([0, 1, 7, n - 1, n + 1, 2**63, 2**64 - 1, len(data), len(data) - 7, 100_000_001,
+                                  rng.getrandbits(64)])
+            ops.append(f"hlen={raw_len}")
+        elif op == "json":
+            raw = bytearray(json.dumps(header).encode())
+            at = rng.randrange(len(raw))
+            if rng.random() < 0.5:
+                raw[at] = rng.randrange(256)
+            else:
+                del raw[at:]
+            ops.append(f"json@{at}")
+        elif op == "cut":
+            at = rng.randrange(len(body))
+            del body[at:]
+            ops.append(f"cut@{at}")
+        elif op == "nan" and len(body) >= 4:
+            at = rng.randrange(len(body) - 4) // 4 * 4
+            body[at:at + 4] = struct.pack("<f", float("nan"))
+            ops.append(f"nan@{at}")
+    text = bytes(raw) if raw is not None else json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", (raw_len if raw_len is not None else len(text)) % 2**64) + text + bytes(body), ops
+
+
+def _walk(node, rng: random.Random, depth: int = 0):
+    """A random (container, key) inside a JSON tree."""
+    if isinstance(node, dict) and node:
+        key = rng.choice(list(node))
+    elif isinstance(node, list) and node:
+        key = rng.randrange(len(node))
+    else:
+        return None
+    if isinstance(node[key], (dict, list)) and node[key] and rng.random() < 0.7 and depth < 8:
+        return _walk(node[key], rng, depth + 1) or (node, key)
+    return node, key
+
+
+def mutate_json(text: str, rng: random.Random, keys: list[str] | None = None) -> tuple[bytes, list[str]]:
+    """A JSON document with values of wrong types or sizes, keys gone, or its syntax broken.
+    `keys`: top-level keys to prefer (config sizes), each scaled or replaced."""
+    doc, ops = json.loads(text), []
+    for _ in range(rng.choice([1, 1, 2, 3])):
+        op = rng.choices(["key", "walk", "delete", "syntax", "top", "deep", "nan"], [45 if keys else 0, 30, 8, 8, 3, 2, 4])[0]
+        if op == "key" and isinstance(doc, dict):
+            key = rng.choice(keys)
+            old = doc.get(key)
+            scaled = [old * 2, old + 1, old - 1, old // 2, -old] if isinstance(old, int) and not isinstance(old, bool) else []
+            doc[key] = rng.choice(WEIRD + scaled * 4)
+            ops.append(f"{key}={str(doc[key])[:40]}")
+        elif op == "walk":
+            spot = _walk(doc, rng)
+            if spot:
+                spot[0][spot[1]] = rng.choice(WEIRD)
+                ops.append(f"walk:{spot[1]}={str(spot[0][spot[1]])[:40]}")
+        elif op == "delete":
+            spot = _walk(doc, rng)
+            if spot and isinstance(spot[0], dict):
+                del spot[0][spot[1]]
+                ops.append(f"delete:{spot[1]}")
+        elif op == "top":
+            doc = rng.choice([[], "x", None, 1, [doc]])
+            ops.append("top")
+        elif op == "deep":
+            return b"[" * 100_000 + b"]" * 100_000, ["deep"]
+        elif op == "nan":
+            return json.dumps(doc).replace("32", "NaN", 1).encode(), ["NaN"]
+        elif op == "syntax":
+            raw = bytearray(json.dumps(doc).encode())
+            at = rng.randrange(len(raw))
+            if rng.random() < 0.5:
+                raw[at] = rng.randrange(256)
+            else:
+                del raw[at:]
+            return bytes(raw), [*ops, f"syntax@{at}"]
+    return json.dumps(doc).encode(), ops
+
+
+def mutate_text(data: bytes, rng: random.Random, jsonl: bool) -> tuple[bytes, list[str]]:
+    """Calibration or training text: binary, empty, one token, huge lines, bad UTF-8, broken JSON lines."""
+    op = rng.choices(["empty", "space", "binary", "nul", "utf8", "one", "huge", "repeat", "cut", "utf16", "bom",
+                      "line"], [5, 5, 8, 6, 8, 8, 4, 5, 15, 4, 4, 26 if jsonl else 8])[0]
+    if op == "empty":
+        return b"", [op]
+    if op == "space":
+        return b" \n\t\r\n" * rng.randrange(1, 100), [op]
+    if op == "binary":
+        return rng.randbytes(rng.randrange(1, 70_000)), [op]
+    if op == "nul":
+        at = rng.randrange(len(data))
+        return data[:at] + b"\x00" + data[at:], [op]
+    if op == "utf8":
+        at = rng.randrange(len(data))
+        return data[:at] + rng.choice([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\xf4\x90\x80\x80"]) + data[at:], [op]
+    if op == "one":
+        return (json.dumps({"text": "a"}) + "\n").encode() if jsonl else b"a", [op]
+    if op == "huge":
+        line = ("word " * rng.randrange(100_000, 400_000)).strip()  # a line of 0.5-2 MB
+        return (json.dumps({"text": line}) + "\n").encode() if jsonl else line.encode(), [op]
+    if op == "repeat":
+        return data * rng.randrange(2, 20), [op]
+    if op == "cut":
+        return data[:rng.randrange(len(data))], [op]
+    if op == "utf16":
+        return data.decode("utf-8").encode("utf-16"), [op]
+    if op == "bom":
+        return b"\xef\xbb\xbf" + data, [op]
+    lines = data.splitlines(keepends=True)
+    i = rng.randrange(len(lines))
+    lines[i] = rng.choice([b"{\n", b"[1, 2]\n", b'"text"\n', b'{"text": 5}\n', b'{"text": null}\n', b"null\n",
+                           b'{"txt": "x"}\n', b'{"text": ["a"]}\n', b'{"text": "' + b"x" * 70_000 + b'"}\n',
+                           b"[" * 50_000 + b"]" * 50_000 + b"\n", b'{"text": "\\ud800"}\n'])
+    return b"".join(lines), [f"line{i}"]
+
+
+# ---------------------------------------------------------------- readers
+
+def readers(files: dict[str, Path], work: Path) -> dict:
+    """reader name -> (make(rng) -> (path written, names, ops), check(path) -> None)."""
+    from transact_edge import corpus, traindata
+    from transact_edge.bench.facts import gguf_facts
+    from transact_edge.ggufmap import read_header
+    from transact_edge.inspect import describe
+    from transact_edge.loading import load, load_tokenizer, read_config
+    from transact_edge.stream import Weights
+
+    tok = load_tokenizer(files["llama"])
+    seeds = {name: files[name].read_bytes() for name in ("llama.gguf", "deci.gguf", "kitchen.gguf")}
+    case_dir = work / "case"
+    _copy_dir(files["llama"], case_dir)
+    st_seed = (files["llama"] / "model.safetensors").read_bytes()
+    cfg_seed = (files["llama"] / "config.json").read_text()
+    tok_seeds = {n: (files["llama"] / n).read_text() for n in ("tokenizer.json", "tokenizer_config.json")}
+    texts = {".txt": files["calib.txt"].read_bytes(), ".jsonl": files["calib.jsonl"].read_bytes()}
+    cfg_keys = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "vocab_size", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+                "model_type", "rope_parameters", "bos_token_id", "eos_token_id", "torch_dtype", "architectures"]
+
+    def gguf_case(rng, names, bias):
+        name = rng.choice(names)
+        data, ops = mutate_gguf(seeds[name], rng, bias)
+        return _publish(work / "case.gguf", data), [name, *ops]
+
+    def in_dir(filename, data_ops):
+        data, ops = data_ops
+        _publish(case_dir / filename, data)
+        return case_dir, ops
+
+    def header(path):
+        read_header(path)
+        describe(str(path))
+        gguf_facts(path)
+
+    def model_dir(path):
+        load(str(path))
+        describe(str(path))
+        Weights(path).read(sorted(Weights(path).files))
+
+    def text_case(rng):
+        suffix = rng.choice([".txt", ".jsonl"])
+        data, ops = mutate_text(texts[suffix], rng, suffix == ".jsonl")
+        return _publish(work / f"calib{suffix}", data), [suffix, *ops]
+
+    def tokenizer_case(rng):
+        _publish(case_dir / "tokenizer.json", tok_seeds["tokenizer.json"].encode())
+        _publish(case_dir / "tokenizer_config.json", tok_seeds["tokenizer_config.json"].encode())
+        name = rng.choices(list(tok_seeds), [4, 1])[0]
+        return in_dir(name, mutate_json(tok_seeds[name], rng))
+
+    def reset_dir(name):
+        _publish(case_dir / "config.json", cfg_seed.encode())
+        _publish(case_dir / "model.safetensors", st_seed)
+        for n, text in tok_seeds.items():
+            _publish(case_dir / n, text.encode())
+
+    return {
+        "gguf-header": (lambda rng: gguf_case(rng, list(seeds), 0.3), header),
+        "gguf-load": (lambda rng: gguf_case(rng, ["llama.gguf", "deci.gguf"], 0.5), lambda p: load(str(p))),
+        "safetensors": (lambda rng: (reset_dir(0), in_dir("model.safetensors", mutate_safetensors(st_seed, rng)))[1],
+                        model_dir),
+        "config": (lambda rng: (reset_dir(0), in_dir("config.json", mutate_json(cfg_seed, rng, cfg_keys)))[1],
+                   lambda p: (read_config(str(p)), model_dir(p))),
+        "tokenizer": (lambda rng: (reset_dir(0), tokenizer_case(rng))[1],
+                      lambda p: corpus.token_stream(load_tokenizer(p), ["The quick brown fox.", "a"])),
+        "calib": (text_case, lambda p: corpus.windows(corpus.stream(tok, str(p)), 16, 4)),
+        "train-data": (text_case, lambda p: _train(traindata, tok, p)),
+    }
+
+
+def _train(traindata, tok, path: Path) -> None:
+    source = traindata.parse(f"{path}@1")[0]
+    stream = traindata.TokenStream(source.name, 16, tokenizer=tok)
+    stream.hold_apart(1)
+    stream.take(8)
+
+
+def _publish(path: Path, data: bytes) -> Path:
+    """Write by rename: a reader of the previous case may still map the old file."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def _copy_dir(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file():
+            _publish(dst / f.name, f.read_bytes())
+
+
+# ---------------------------------------------------------------- the loop
+
+def _rss_mib(field: str = "VmRSS") -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _on_alarm(signum, frame):
+    raise CaseTimeout(f"over {CASE_SECONDS} s")
+
+
+def run_case(check, path: Path) -> tuple[str, str]:
+    """('accepted' | 'refused' | 'finding', detail) of one case."""
+    from transact_edge.errors import UserError
+
+    signal.setitimer(signal.ITIMER_REAL, CASE_SECONDS)
+    try:
+        check(path)
+        return "accepted", ""
+    except UserError as e:
+        msg = str(e)
+        return ("refused", msg) if msg and "\n" not in msg else ("finding", f"UserError of {msg.count(chr(10)) + 1} lines")
+    except BaseException as e:  # noqa: BLE001  (the point: nothing else may escape, not even a Rust panic)
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        return "finding", f"{type(e).__name__}: {str(e)[:300]}"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def fuzz(name: str, make, check, cases: int, seed: int, magic_kept=None) -> dict:
+    counts, findings, refusals = Counter(), [], Counter()
+    slowest, past_magic, jump = {"seconds": -1.0}, 0, {"mib": 0.0}
+    start = time.perf_counter()
+    for i in range(cases):
+        rng = random.Random(f"{name}/{seed}/{i}")
+        path, ops = make(rng)
+        if magic_kept is not None:
+            past_magic += magic_kept(path)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t = time.perf_counter()
+        outcome, detail = run_case(check, path)
+        dt = time.perf_counter() - t
+        grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        counts[outcome] += 1
+        if outcome == "finding":
+            findings.append({"case": i, "ops": ops, "error": detail})
+        elif outcome == "refused":
+            refusals[re.sub(r"\d+", "N", detail.replace(str(path), "PATH"))[:120]] += 1
+        if dt > slowest["seconds"]:
+            slowest = {"case": i, "seconds": round(dt, 4), "ops": ops, "outcome": outcome, "detail": detail[:200]}
+        if grew > jump["mib"]:
+            jump = {"case": i, "mib": round(grew, 1), "ops": ops}
+    return {"reader": name, "cases": cases, "seed": seed, "accepted": counts["accepted"], "refused": counts["refused"],
+            "findings": len(findings), "finding_cases": findings[:20], "past_magic": past_magic if magic_kept else None,
+            "seconds": round(time.perf_counter() - start, 2), "slowest_case": slowest, "largest_peak_rss_step": jump,
+            "top_refusals": refusals.most_common(12)}
+
+
+def _gguf_magic_kept(path: Path) -> bool:
+    head = path.read_bytes()[:8]
+    return head[:4] == b"GGUF" and int.from_bytes(head[4:8], "little") in (2, 3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", type=int, default=0, help="cases per reader, the GGUF header reader ten times more "
+                    "(default: DEFAULT_CASES)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", default="", help="comma-separated readers")
+    ap.add_argument("--work", type=Path, required=True, help="scratch directory")
+    ap.add_argument("--json", type=Path, required=True)
+    a = ap.parse_args(argv)
+    import torch
+    import transformers
+
+    torch.set_num_threads(1)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.disable(logging.WARNING)
+    warnings.simplefilter("ignore")
+    signal.signal(signal.SIGALRM, _on_alarm)
+    t0 = time.perf_counter()
+    files = build(a.work)
+    table = readers(files, a.work)
+    chosen = [r for r in table if not a.only or r in a.only.split(",")]
+    for name in chosen:  # warm-up: libraries imported, caches and thread pools made, before the cap
+        for i in range(3):
+            run_case(table[name][1], table[name][0](random.Random(f"warm/{name}/{i}"))[0])
+    baseline_rss, baseline_vm = _rss_mib(), _rss_mib("VmSize")
+    resource.setrlimit(resource.RLIMIT_AS, (int(baseline_vm * 2**20) + CAP_BYTES, resource.RLIM_INFINITY))
+    try:  # the cap is live: an allocation past it fails
+        bytearray(CAP_BYTES + CAP_BYTES // 4)
+        caught = False
+    except MemoryError:
+        caught = True
+    counts = {name: a.cases * (10 if name == "gguf-header" else 1) if a.cases else n for name, n in DEFAULT_CASES.items()}
+    results = [fuzz(name, *table[name], counts[name], a.seed,
+                    _gguf_magic_kept if name.startswith("gguf") else None) for name in chosen]
+    summary = {"readers": results, "baseline_rss_mib": round(baseline_rss, 1),
+               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+               "address_space_cap_mib": round(baseline_vm + CAP_BYTES / 2**20),
+               "cap_catches_allocations": caught, "seconds": round(time.perf_counter() - t0, 1)}
+    a.json.write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.exit(main())
