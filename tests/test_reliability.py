@@ -7,12 +7,14 @@ writes benchmarks/results/reliability_kills.json.
 """
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import json
 import os
 import random
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from transact_edge import llamabuild
 from transact_edge.lock import claim
 
 pytestmark = pytest.mark.reliability
@@ -43,13 +46,14 @@ def export_args(fmt: str, src: Path, out: Path) -> list[str]:
     return ["export", str(src), "--format", fmt, "--outfile", str(out)] + (["--outtype", "f16"] if fmt == "gguf" else [])
 
 
-def start(args: list[str], **kw) -> subprocess.Popen:
+def start(args: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
     return subprocess.Popen(CLI + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=os.environ | {"HF_HUB_OFFLINE": "1"}, **kw)
+                            env=(env or os.environ) | {"HF_HUB_OFFLINE": "1"}, **kw)
 
 
-def run(args: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(CLI + args, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"}, **kw)
+def run(args: list[str], env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + args, capture_output=True, text=True, env=(env or os.environ) | {"HF_HUB_OFFLINE": "1"},
+                          **kw)
 
 
 def one_error(stderr: str) -> str:
@@ -68,6 +72,8 @@ def leftovers(where: Path) -> list[str]:
 def phase(out: Path) -> str:
     """Which write phase a run is in, from what it has on disk right now."""
     parent, partial = out.parent, out.parent / f".{out.name}.partial"
+    if not parent.is_dir():
+        return "before any write"
     if any(TEMPORARY.fullmatch(p.name) and p.name.startswith(f".{out.name}.") for p in parent.iterdir()):
         return "writing the output"
     if partial.is_dir():
@@ -231,3 +237,45 @@ def test_full_and_read_only_filesystems(tiny_llama_dir, tmp_path):
         assert done.returncode == 2 and str(ro) in one_error(done.stderr)
     finally:
         subprocess.run(["umount", str(ro)], capture_output=True)
+
+
+
+@pytest.fixture
+def stub_builds(tmp_path, monkeypatch):
+    """build-llama against an empty cache, with `cmake` replaced by a stand-in that 'builds' by copying this
+    machine's already-built tools (a real build takes minutes; what is under test is the install step, the
+    lock and the cache, which run for real, as does the C compiler for membw)."""
+    real = llamabuild.bin_dir("native")
+    if not all((real / t).is_file() for t in llamabuild.TOOLS):
+        pytest.skip("needs `transact-edge build-llama --target native` (README command 1)")
+    sdist = llamabuild.builds_root() / "sdist" / f"llama_cpp_python-{llamabuild.version()}"
+    root, stub, log = tmp_path / "builds", tmp_path / "stub", tmp_path / "cmake.log"
+    (root / "sdist").mkdir(parents=True), stub.mkdir()
+    (root / "sdist" / sdist.name).symlink_to(sdist)
+    (stub / "cmake").write_text(f'#!/bin/sh\necho "$@" >> {log}\nif [ "$1" = --build ]; then mkdir -p "$2/bin" && '
+                                f'for t in {" ".join(llamabuild.TOOLS)}; do cp {real}/$t "$2/bin/"; done; fi\n')
+    (stub / "cmake").chmod(0o755)
+    monkeypatch.setenv("TRANSACT_EDGE_BUILDS", str(root))
+    env = os.environ | {"PATH": f"{stub}:{os.environ['PATH']}"}
+    return llamabuild.bin_dir("native"), env, log, real
+
+
+def test_kill_9_during_build_llama_install_and_concurrent_builds(stub_builds):
+    """Killed while installing: the old tools or none, never a part; two builds at once: one builds, the
+    other waits for it and uses its result."""
+    target, env, log, real = stub_builds
+    args = ["build-llama", "--target", "native"]
+    rng, landed = random.Random(2), []
+    for i in range(KILLS):
+        landed.append(kill_at(start(args + ["--force"] * (i > 0), env=env), target, rng, 1.0, in_write=True))
+        assert not target.exists() or all((target / t).is_file() for t in (*llamabuild.TOOLS, "membw")), landed[-1]
+        assert run(args, env=env).returncode == 0
+        assert all(filecmp.cmp(target / t, real / t, shallow=False) for t in llamabuild.TOOLS), landed[-1]
+        assert leftovers(target.parent) == [], landed[-1]
+    _record("build-llama install", landed)
+    shutil.rmtree(target)
+    log.write_text("")
+    both = [start(args, env=env) for _ in range(2)]  # two at once on an empty cache entry
+    assert [p.wait() for p in both] == [0, 0]
+    assert sum(line.startswith("--build") for line in log.read_text().splitlines()) == 1  # the second waited
+    assert leftovers(target.parent) == []

@@ -127,15 +127,13 @@ def build(target: str, ndk: str | None = None, jobs: int | None = None, force: b
     if target not in TARGETS:
         raise UserError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
     out = bin_dir(target)
-    if not force and _complete(out):
-        return out
-    _require("cmake", "install cmake")
-    cmake, cc = _configure_args(target, ndk)
-    source = vendored_source()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with claim(out, wait=True):
-        if not force and _complete(out):  # built by the run we waited for
+    with claim(out, wait=True):  # also sweeps what a killed build left, when the cached one is reused
+        if not force and _complete(out):  # cached, or built by the run we waited for
             return out
+        _require("cmake", "install cmake")
+        cmake, cc = _configure_args(target, ndk)
+        source = vendored_source()
         work = out.parent / "cmake-build"
         _run(["cmake", "-S", str(source), "-B", str(work), *cmake], f"configure {target}")
         _run(["cmake", "--build", str(work), "--target", *TOOLS, "-j", str(jobs or os.cpu_count() or 1)],
