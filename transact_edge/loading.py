@@ -2,7 +2,8 @@
 embedded name.
 
 GGUF files are read by transformers' own GGUF loader (gguf-py dequantization, Q/K rope
-permutation undone). The embedded default model is converted once to safetensors under
+permutation undone); rope scaling, which that loader ignores, is restored from the file's rope keys
+and rope_freqs tensor. The embedded default model is converted once to safetensors under
 ~/.cache/transact_edge so later loads take a second, not half a minute.
 """
 from __future__ import annotations

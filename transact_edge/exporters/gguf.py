@@ -5,7 +5,8 @@ explicit key/value lengths; per-layer widths become `deci`, whose per-layer arra
 head_count_kv and feed_forward_length llama.cpp honours. Tensors are converted and quantized with gguf-py
 (F32, F16, BF16, Q8_0, Q4_0 in Python); K-quants go through llama.cpp's own quantizer. The
 tokenizer is copied from the source GGUF when the model came from one, else built from the
-Hugging Face tokenizer with gguf-py's vocab helpers. The file appears only when complete.
+Hugging Face tokenizer with gguf-py's vocab helpers. Rope scaling (llama3, linear, yarn) is written
+as llama.cpp reads it (see ggufrope). The file appears only when complete.
 """
 from __future__ import annotations
 
