@@ -102,8 +102,8 @@ def _gguf_rope(reader, arch: str) -> dict:
     transformers' GGUF loader ignores."""
     from transact_edge.ggufrope import ROPE_FREQS, from_gguf
 
-    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith((f"{arch}.rope.", "transact.rope."))}
-    meta[f"{arch}.context_length"] = reader.get_field(f"{arch}.context_length").contents()
+    meta = {k: f.contents() for k, f in reader.fields.items()
+            if k.startswith((f"{arch}.rope.", "transact.rope.")) or k == f"{arch}.context_length"}
     freqs = next((t.data for t in reader.tensors if t.name == ROPE_FREQS), None)
     return from_gguf(meta, arch, freqs)
 
