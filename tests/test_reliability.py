@@ -279,3 +279,14 @@ def test_kill_9_during_build_llama_install_and_concurrent_builds(stub_builds):
     assert [p.wait() for p in both] == [0, 0]
     assert sum(line.startswith("--build") for line in log.read_text().splitlines()) == 1  # the second waited
     assert leftovers(target.parent) == []
+
+
+def test_pruning_peaks_below_one_and_a_half_times_the_fp32_weights():
+    """In-memory pruning of SmolLM2 without recovery, in a fresh process: peak RSS above the RSS after
+    the imports <= 1.5 x the float32 weights (the cut layers' file pages are given back as they go)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "prune_memory.py"
+    done = subprocess.run([sys.executable, str(script), "probe", "smollm2-135m", "--calib-samples", "2",
+                           "--seq-len", "128"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout.splitlines()[-1])
+    assert figures["peak_above_imports_over_fp32"] <= 1.5, figures

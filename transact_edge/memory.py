@@ -9,7 +9,10 @@ always ends in that error, so nothing it changes is kept.
 """
 from __future__ import annotations
 
+import ctypes
 import gc
+import mmap
+import os
 from typing import Callable, TypeVar
 
 import torch
@@ -77,3 +80,38 @@ def own_peak_rss_mib() -> float:
     """This process's peak RSS since its exec (VmHWM; getrusage would include a forking parent's)."""
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
+
+
+def _file_maps() -> list[tuple[int, int]]:
+    """Address ranges of this process's private mappings of files (torch maps safetensors files rw-p:
+    copy-on-write, so a page given back is read again from the file if touched)."""
+    ranges = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and parts[5].startswith("/") and parts[1].endswith("p"):
+                start, end = (int(x, 16) for x in parts[0].split("-"))
+                ranges.append((start, end))
+    return ranges
+
+
+def drop_file_pages(tensors: list[torch.Tensor]) -> int:
+    """Let the kernel take back the resident pages of tensors that are views of a file mapping,
+    once they are no longer needed (the weights of a layer just cut). The mapping outlives them (other
+    tensors view the same file), and its touched pages would otherwise count as ours until the end.
+    Only whole pages inside the tensors are given back, and they are the file's own bytes (or a copy of
+    a tensor no one will read again); returns the bytes given back."""
+    if not hasattr(os, "sysconf") or not os.path.exists("/proc/self/maps"):
+        return 0
+    page, maps, libc, given = mmap.PAGESIZE, _file_maps(), ctypes.CDLL(None, use_errno=True), 0
+    for t in tensors:
+        if t.device.type != "cpu" or t.numel() == 0:
+            continue
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        if not any(s <= start and end <= e for s, e in maps):
+            continue
+        first, last = -(-start // page) * page, end // page * page  # whole pages inside this tensor only
+        if last > first and libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED) == 0:
+            given += last - first
+    return given

@@ -11,6 +11,7 @@ import logging
 import torch
 
 from transact_edge.arch import HEAD_COLS, HEAD_ROWS, KV_ROWS, MLP_COLS, MLP_ROWS
+from transact_edge import memory
 from transact_edge.errors import UserError
 from transact_edge.modeling import assemble, config_for
 from transact_edge.plan import LayerPlan
@@ -53,6 +54,11 @@ def cut_layer(sd: dict, prefix: str, p: LayerPlan, hd: int) -> None:
                     sd[key] = sd[key].index_select(dim, idx.to(sd[key].device))
 
 
+def _kept(t: torch.Tensor, sd: dict) -> bool:
+    """Whether the new state dict still uses this tensor as it is (a norm, or a projection cut to itself)."""
+    return any(v is t or (v.data_ptr() == t.data_ptr() and v.device == t.device) for v in sd.values())
+
+
 def cut(model, plans: list[LayerPlan], consume: bool = False):
     """A new model holding only the planned heads and channels.
 
@@ -67,5 +73,7 @@ def cut(model, plans: list[LayerPlan], consume: bool = False):
     for il, p in enumerate(plans):
         cut_layer(sd, f"model.layers.{il}", p, hd)
         if consume:
-            model.model.layers[il].to("meta")
+            layer = model.model.layers[il]
+            memory.drop_file_pages([t for t in layer.state_dict().values() if not _kept(t, sd)])
+            layer.to("meta")
     return assemble(config_for(model.config, [p.shape for p in plans]), sd, buffers, model.training)
