@@ -49,7 +49,7 @@ def test_llama3_parameters_fitted_from_rope_freqs_alone(params, head_dim):
 
 CASES = {  # family, rope_parameters, the llama.cpp graph it becomes
     "llama llama3": ("llama", LLAMA3, "llama"),
-    "qwen2 llama3": ("qwen2", LLAMA3, "deci"),  # llama.cpp's qwen2 graph loads no rope_freqs
+    "qwen2 llama3, tensor only": ("qwen2", LLAMA3, "deci"),  # llama.cpp's qwen2 graph loads no rope_freqs
     "llama linear": ("llama", {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}, "llama"),
     "qwen2 yarn": ("qwen2", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                              "original_max_position_embeddings": 128, "attention_factor": 1.5}, "qwen2"),
@@ -57,17 +57,23 @@ CASES = {  # family, rope_parameters, the llama.cpp graph it becomes
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_scaled_rope_exact_in_llama_cpp_and_read_back(case, tmp_path, tokenizer):
+def test_scaled_rope_exact_in_llama_cpp_and_read_back(case, tmp_path, tokenizer, monkeypatch):
     """llama.cpp runs the file exactly; the rope parameters come back from it. The llama3 files are loaded
-    whole, through transformers' GGUF loader (llama) and ours (deci): same logits as the source."""
+    whole, through transformers' GGUF loader (llama) and ours (deci): same logits as the source. The
+    "tensor only" file lacks our transact.rope.llama3.* keys, as llama.cpp's converter writes it."""
+    from transact_edge.exporters import gguf as exporter
+
     family, rope, arch = CASES[case]
     model = tiny_model(family, rope_parameters=rope)
     save(tmp_path / "ckpt", model, tokenizer)
+    if "tensor only" in case:
+        monkeypatch.setattr(exporter, "add_keys", lambda writer, params: None)
     out = export(GGUFExportOptions(str(tmp_path / "ckpt"), "f32", tmp_path / "m.gguf"))
     v = verify(out, model, tokenizer, "f32", n_tokens=128)
     assert v.passed, v.line()
     meta = {k: v for k, v, *_ in read_kv(out)}
     assert meta["general.architecture"] == arch
+    assert ("transact.rope.llama3.factor" in meta) == (rope["rope_type"] == "llama3" and "tensor only" not in case)
     ids = corpus.stream(tokenizer, "wiki", "eval")[:128][None]
     with torch.no_grad():
         want = model(input_ids=ids).logits
