@@ -290,3 +290,35 @@ def test_pruning_peaks_below_one_and_a_half_times_the_fp32_weights():
     assert done.returncode == 0, done.stderr[-2000:]
     figures = json.loads(done.stdout.splitlines()[-1])
     assert figures["peak_above_imports_over_fp32"] <= 1.5, figures
+
+
+def _workers(tag: str) -> dict[int, int]:
+    """{rank: pid} of the launched processes carrying `tag` in their environment."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            env = dict(e.split("=", 1) for e in (proc / "environ").read_text().split("\0") if "=" in e)
+        except (OSError, ValueError):
+            continue
+        if env.get("TRANSACT_EDGE_TEST_TAG") == tag and "RANK" in env and "LOCAL_RANK" in env:
+            found[int(env["RANK"])] = int(proc.name)
+    return found
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_launched_process_that_dies_takes_the_others_down(victim, tiny_llama_dir, tmp_path):
+    """kill -9 of one of two torchrun processes mid-run: the launcher ends non-zero within a minute and
+    no process is left waiting on a collective; nothing is published."""
+    out, tag = tmp_path / "pruned", f"t{os.getpid()}-{victim}"
+    args = prune_args(tiny_llama_dir, out)
+    args[args.index("--train-tokens") + 1] = str(64 * 2 * 400)  # long enough to be killed mid-recovery
+    launcher = start(args + ["--launcher", "torchrun", "--processes", "2"], env=os.environ | {"TRANSACT_EDGE_TEST_TAG": tag})
+    deadline = time.monotonic() + 300
+    while len(workers := _workers(tag)) < 2 or not (tmp_path / ".pruned.partial").exists():
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()[-2000:]
+        time.sleep(0.2)
+    os.kill(workers[victim], signal.SIGKILL)
+    t = time.monotonic()
+    assert launcher.wait(timeout=60) != 0
+    print(f"\nrank {victim} killed: the launcher ended {time.monotonic() - t:.1f} s later")
+    assert time.monotonic() - t < 60 and _workers(tag) == {} and not out.exists()
