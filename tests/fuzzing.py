@@ -25,6 +25,7 @@ import signal
 import struct
 import sys
 import time
+import traceback
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -32,8 +33,8 @@ from pathlib import Path
 CAP_BYTES = 1 << 30       # growth of the address space allowed after warm-up
 CASE_SECONDS = 30
 # Cases per reader by default (the normal suite): the header reader is cheap, text tokenization is not.
-DEFAULT_CASES = {"gguf-header": 10_000, "gguf-load": 200, "safetensors": 200, "config": 200, "tokenizer": 200,
-                 "calib": 40, "train-data": 40}
+DEFAULT_CASES = {"gguf-header": 3000, "gguf-load": 100, "safetensors": 100, "config": 100, "tokenizer": 100,
+                 "calib": 30, "train-data": 30}
 
 
 class CaseTimeout(BaseException):
@@ -233,20 +234,22 @@ def mutate_safetensors(data: bytes, rng: random.Random) -> tuple[bytes, list[str
     ops, raw_len, raw = [], None, None
     for _ in range(rng.choice([1, 1, 2, 3])):
         op = rng.choices(["entry", "drop", "rename", "alias", "meta", "hlen", "json", "cut", "nan"],
-                         [40, 6, 6, 5, 4, 12, 10, 12, 5])[0]
+                         [40, 6, 6, 5, 6, 10, 5, 12, 5])[0]
         name = rng.choice(names)
         entry = header.get(name)
         if op == "entry" and isinstance(entry, dict):
             field = rng.choice(["dtype", "shape", "data_offsets"])
-            a, b = entry["data_offsets"] if isinstance(entry.get("data_offsets"), list) and len(
-                entry["data_offsets"]) == 2 else (0, 0)
-            shape = entry["shape"] if isinstance(entry.get("shape"), list) else [1]
-            choices = {"dtype": ["F16", "BF16", "F64", "I8", "U8", "BOOL", "I64", "F8_E4M3", "XYZ", 1, None, []],
-                       "shape": [[], [0], [-1], [2**62, 2**62], [2**64], "12", [1.5], shape + [1], shape[::-1],
-                                 [shape[0] * 2, *shape[1:]], [1] * 9, [2**31, 2**31, 2**31]],
-                       "data_offsets": [[b, a], [a, a], [a, 2**64], [a, b + 1], [a - 1, b], [0, len(body)], [a], "x",
-                                        None, [-1, b], [a + 2**40, b + 2**40], [a, b + len(body)]]}[field]
-            entry[field] = rng.choice(choices)
+            offsets, shape = entry.get("data_offsets"), entry.get("shape")
+            a, b = offsets if isinstance(offsets, list) and len(offsets) == 2 and all(
+                type(x) is int for x in offsets) else (0, 0)
+            shape = shape if isinstance(shape, list) and shape and all(type(x) is int for x in shape) else [1]
+            typed = {"dtype": ["F16", "BF16", "F64", "I8", "U8", "BOOL", "I64", "F8_E4M3", "F32", "XYZ"],
+                     "shape": [[], [0], [2**62, 2**62], [2**63, 2], shape + [1], shape[::-1], [shape[0] * 2, *shape[1:]],
+                               [shape[0] // 2, *shape[1:]], [1] * 9, [2**31, 2**31, 2**31], [shape[0], 0]],
+                     "data_offsets": [[b, a], [a, a], [a, 2**63], [a, b + 1], [max(a - 1, 0), b], [0, len(body)],
+                                      [a + 2**40, b + 2**40], [a, b + len(body)], [a + 4, b + 4]]}[field]
+            untyped = [None, "x", 1.5, [-1], [a], {"a": 1}]  # the wrong JSON types (a fifth of the cases)
+            entry[field] = rng.choice(untyped) if rng.random() < 0.2 else rng.choice(typed)
             ops.append(f"{field}:{name}={str(entry[field])[:40]}")
         elif op == "drop":
             header.pop(name, None)
@@ -379,12 +382,16 @@ def mutate_text(data: bytes, rng: random.Random, jsonl: bool) -> tuple[bytes, li
 # ---------------------------------------------------------------- readers
 
 def readers(files: dict[str, Path], work: Path) -> dict:
-    """reader name -> (make(rng) -> (path written, names, ops), check(path) -> None)."""
-    from transact_edge import corpus, traindata
+    """reader name -> (make(rng) -> (path written, ops), check(path) -> None). A check runs every reader
+    of that kind of file on the case, each on its own: any may refuse, none may fail otherwise."""
+    from transact_edge import corpus, plan, traindata
     from transact_edge.bench.facts import gguf_facts
+    from transact_edge.exporters.gguf import GGUFExportOptions, export
     from transact_edge.ggufmap import read_header
     from transact_edge.inspect import describe
-    from transact_edge.loading import load, load_tokenizer, read_config
+    from transact_edge.loading import check_gguf, load, load_tokenizer, read_config
+    from transact_edge.options import PruneOptions
+    from transact_edge.prune import prune
     from transact_edge.stream import Weights
 
     tok = load_tokenizer(files["llama"])
@@ -404,50 +411,65 @@ def readers(files: dict[str, Path], work: Path) -> dict:
         data, ops = mutate_gguf(seeds[name], rng, bias)
         return _publish(work / "case.gguf", data), [name, *ops]
 
-    def in_dir(filename, data_ops):
-        data, ops = data_ops
-        _publish(case_dir / filename, data)
-        return case_dir, ops
-
-    def header(path):
-        read_header(path)
-        describe(str(path))
-        gguf_facts(path)
-
-    def model_dir(path):
-        load(str(path))
-        describe(str(path))
-        Weights(path).read(sorted(Weights(path).files))
+    def dir_case(filename, mutate):
+        """The model directory with one of its files mutated (the others as built)."""
+        def make(rng):
+            for n, data in {"config.json": cfg_seed.encode(), "model.safetensors": st_seed,
+                            **{n: t.encode() for n, t in tok_seeds.items()}}.items():
+                _publish(case_dir / n, data)
+            name = filename(rng) if callable(filename) else filename
+            data, ops = mutate(name, rng)
+            _publish(case_dir / name, data)
+            return case_dir, [name, *ops]
+        return make
 
     def text_case(rng):
         suffix = rng.choice([".txt", ".jsonl"])
         data, ops = mutate_text(texts[suffix], rng, suffix == ".jsonl")
         return _publish(work / f"calib{suffix}", data), [suffix, *ops]
 
-    def tokenizer_case(rng):
-        _publish(case_dir / "tokenizer.json", tok_seeds["tokenizer.json"].encode())
-        _publish(case_dir / "tokenizer_config.json", tok_seeds["tokenizer_config.json"].encode())
-        name = rng.choices(list(tok_seeds), [4, 1])[0]
-        return in_dir(name, mutate_json(tok_seeds[name], rng))
+    def to_gguf(path):
+        export(GGUFExportOptions(str(path), "f32", work / "exported.gguf"))
 
-    def reset_dir(name):
-        _publish(case_dir / "config.json", cfg_seed.encode())
-        _publish(case_dir / "model.safetensors", st_seed)
-        for n, text in tok_seeds.items():
-            _publish(case_dir / n, text.encode())
+    def streamed(path):  # prune --stream: config, every tensor and the tokenizer read layer by layer
+        prune(PruneOptions(str(path), work / "pruned", plan.WidthRequest(kv_heads=1), stream=True,
+                           calib=str(files["calib.txt"]), calib_samples=2, seq_len=16, force=True))
 
+    every_model_reader = [lambda p: load(str(p)), lambda p: describe(str(p)), to_gguf, streamed,
+                          lambda p: Weights(p).read(sorted(Weights(p).files))]
     return {
-        "gguf-header": (lambda rng: gguf_case(rng, list(seeds), 0.3), header),
-        "gguf-load": (lambda rng: gguf_case(rng, ["llama.gguf", "deci.gguf"], 0.5), lambda p: load(str(p))),
-        "safetensors": (lambda rng: (reset_dir(0), in_dir("model.safetensors", mutate_safetensors(st_seed, rng)))[1],
-                        model_dir),
-        "config": (lambda rng: (reset_dir(0), in_dir("config.json", mutate_json(cfg_seed, rng, cfg_keys)))[1],
-                   lambda p: (read_config(str(p)), model_dir(p))),
-        "tokenizer": (lambda rng: (reset_dir(0), tokenizer_case(rng))[1],
-                      lambda p: corpus.token_stream(load_tokenizer(p), ["The quick brown fox.", "a"])),
-        "calib": (text_case, lambda p: corpus.windows(corpus.stream(tok, str(p)), 16, 4)),
-        "train-data": (text_case, lambda p: _train(traindata, tok, p)),
+        "gguf-header": (lambda rng: gguf_case(rng, list(seeds), 0.3),
+                        _each(read_header, lambda p: describe(str(p)), gguf_facts)),
+        "gguf-load": (lambda rng: gguf_case(rng, ["llama.gguf", "deci.gguf"], 0.5),
+                      _each(check_gguf, lambda p: load(str(p)))),
+        "safetensors": (dir_case("model.safetensors", lambda n, rng: mutate_safetensors(st_seed, rng)),
+                        _each(*every_model_reader)),
+        "config": (dir_case("config.json", lambda n, rng: mutate_json(cfg_seed, rng, cfg_keys)),
+                   _each(lambda p: read_config(str(p)), *every_model_reader)),
+        "tokenizer": (dir_case(lambda rng: rng.choices(list(tok_seeds), [4, 1])[0],
+                               lambda n, rng: mutate_json(tok_seeds[n], rng)),
+                      _each(lambda p: corpus.token_stream(load_tokenizer(p), ["The quick brown fox.", "a"]),
+                            lambda p: load(str(p)), to_gguf)),
+        "calib": (text_case, _each(lambda p: corpus.windows(corpus.stream(tok, str(p)), 16, 4))),
+        "train-data": (text_case, _each(lambda p: _train(traindata, tok, p))),
     }
+
+
+def _each(*checks):
+    """One check of a case that runs every reader on it: any may refuse (the first refusal is raised
+    after all ran), any other exception escapes at once."""
+    from transact_edge.errors import UserError
+
+    def check(path: Path) -> None:
+        refusal = None
+        for c in checks:
+            try:
+                c(path)
+            except UserError as e:
+                refusal = refusal or e
+        if refusal is not None:
+            raise refusal
+    return check
 
 
 def _train(traindata, tok, path: Path) -> None:
@@ -499,7 +521,9 @@ def run_case(check, path: Path) -> tuple[str, str]:
     except BaseException as e:  # noqa: BLE001  (the point: nothing else may escape, not even a Rust panic)
         if isinstance(e, KeyboardInterrupt):
             raise
-        return "finding", f"{type(e).__name__}: {str(e)[:300]}"
+        ours = [f for f in traceback.extract_tb(e.__traceback__) if "/transact_edge/" in f.filename]
+        where = f" at {Path(ours[-1].filename).name}:{ours[-1].lineno} {ours[-1].name}" if ours else ""
+        return "finding", f"{type(e).__name__}{where}: {str(e)[:300]}"
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
 

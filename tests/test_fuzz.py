@@ -2,7 +2,7 @@
 valid files (tests/fuzzing.py) and must accept each or refuse it with one line; no case may grow the
 address space past 1 GiB; NaN/Inf weights are refused through the CLI before any work, naming the tensor.
 
-The normal suite runs fuzzing.DEFAULT_CASES (10,000 GGUF headers, 40-200 cases per other reader). The
+The normal suite runs fuzzing.DEFAULT_CASES (3,000 GGUF headers, 30-100 cases per other reader). The
 figures in the README come from the soak
     TRANSACT_EDGE_FUZZ_CASES=1000 python -m pytest -m reliability -s tests/test_fuzz.py
 (10,000 GGUF header cases and 1,000 per other reader), which writes benchmarks/results/reliability_fuzz.json.

@@ -98,6 +98,7 @@ def atomic_dir(final: Path, force: bool = False) -> Iterator[Path]:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, final)
+    fsync(final.parent)  # the rename itself survives a crash
 
 
 @contextmanager
@@ -114,6 +115,7 @@ def atomic_file(final: Path) -> Iterator[Path]:
         fsync(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, final)
+        fsync(final.parent)
     except Exception as e:
         if refused_write(e, tmp):
             raise unwritable(final, e) from None
@@ -129,9 +131,13 @@ def _umask() -> int:
 
 
 def fsync(path: Path) -> None:
-    """Data on disk before the rename that publishes it (a crash then never shows an empty file)."""
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    """Data on disk before the rename that publishes it (a crash then never shows an empty file); for a
+    directory, its entries (the rename)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save(directory: Path, model, tokenizer, report: dict | None = None) -> None:
@@ -143,5 +149,14 @@ def save(directory: Path, model, tokenizer, report: dict | None = None) -> None:
 
 
 def read_report(directory: Path) -> dict | None:
+    """transact.json of a pruned checkpoint (None when absent); one line when it is not a report we wrote."""
     path = directory / REPORT
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_bytes())
+        if not isinstance(report["source"]["model"], str) or not isinstance(report["options"], dict):
+            raise TypeError("source.model or options of the wrong type")
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise UserError(f"{path}: not a transact.json report ({type(e).__name__}: {e})") from None
+    return report

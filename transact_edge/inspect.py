@@ -8,7 +8,7 @@ from pathlib import Path
 from transact_edge.checkpoint import read_report
 from transact_edge.errors import UserError
 from transact_edge.ggufmap import layer_shapes as gguf_layer_shapes, read_header
-from transact_edge.loading import check_hf_dir, resolve
+from transact_edge.loading import check_weights, read_config, reading, resolve
 from transact_edge.shapes import head_dim, kv_bytes_per_token, layer_shapes
 
 
@@ -26,15 +26,12 @@ def _gguf(path: Path) -> dict:
 
 def _hf(path: Path) -> dict:
     from safetensors import safe_open
-    from transformers import AutoConfig
 
-    from transact_edge import modeling  # noqa: F401  (per-layer configs)
-
-    check_hf_dir(path)
-    config = AutoConfig.from_pretrained(path)
+    config = read_config(str(path))
+    check_weights(path, config)  # the widths reported are those of the weights
     params, seen = 0, set()
     for f in sorted(path.glob("*.safetensors")):
-        with safe_open(f, "pt") as st:
+        with reading(f, "not a readable safetensors file"), safe_open(f, "pt") as st:
             for key in st.keys():
                 if key not in seen:
                     seen.add(key)

@@ -225,7 +225,9 @@ def read_config(source: str):
     if check_hf_dir(path).startswith(PER_LAYER_PREFIX):  # only our per-layer configs need our classes
         from transact_edge import modeling  # noqa: F401  (registers them; ~1 s of model-class imports)
     with reading(path / "config.json", "not a valid model config"):
-        return AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+        type(config).from_dict(config.to_dict())  # rebuilt as pruning's config_for and saving do later
+    return config
 
 
 def check_weights(path: Path, config) -> None:

@@ -23,7 +23,7 @@ from transact_edge.checkpoint import REPORT_FORMAT, atomic_dir, check_output, re
 from transact_edge.errors import UserError
 from transact_edge.options import PruneOptions, recovery_options, validate
 from transact_edge.evaluate import perplexity
-from transact_edge.loading import load, read_config, resolve
+from transact_edge.loading import check_weights, load, read_config, resolve
 from transact_edge.shapes import config_params, count_params, head_dim, layer_shapes, summary, widths_line
 from transact_edge.surgery import cut
 
@@ -51,6 +51,8 @@ def check(opts: PruneOptions, processes: int = 1) -> None:
         raise UserError("--stream runs in one process; drop the launcher")
     check_output(opts.out, opts.force)
     config = read_config(opts.model)
+    if config is not None:  # the config must describe the weights (headers only) before its sizes drive anything
+        check_weights(resolve(opts.model), config)
     replay = plan.Plan.load(Path(opts.plan)) if opts.plan else None
     if config is not None and replay is not None:
         replay.check_source(layer_shapes(config), f"--plan {opts.plan}")

@@ -65,7 +65,7 @@ class Weights:
 def _skeleton(config):
     """The model on the meta device (no memory) and a real rotary-embedding module."""
     config._attn_implementation = "sdpa"  # causal without a mask, as in the full model's forward
-    model = skeleton(config)
+    model = skeleton(config).eval()  # no attention dropout while statistics are collected
     rotary = type(model.model.rotary_emb)(config=config)
     return model, rotary
 

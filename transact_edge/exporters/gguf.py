@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from transact_edge.errors import UserError
 from transact_edge.exporters import provenance
 from transact_edge.ggufmap import NORM_ROPE, PER_LAYER_ARCH, read_kv, to_llama_cpp
 from transact_edge.ggufrope import FREQ_FACTOR_ARCHS, ROPE_FREQS, add_keys, rope_freqs, scaling
-from transact_edge.loading import EMBEDDED, embedded_gguf, read_config, resolve
+from transact_edge.loading import EMBEDDED, check_weights, embedded_gguf, read_config, reading, resolve
 from transact_edge.lock import claim
 from transact_edge.shapes import LayerShape, config_params, head_dim, is_uniform, layer_shapes
 
@@ -150,9 +151,13 @@ def write(directory: Path, config, source_gguf: Path | None, path: Path, outtype
     if source_gguf is not None:
         _copy_tokenizer(writer, source_gguf)
     else:
-        _hf_tokenizer(writer, directory)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
+        with reading(directory, "cannot convert its tokenizer to GGUF"):
+            _hf_tokenizer(writer, directory)
+    try:  # values are packed here: one the config holds may not fit its GGUF type
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+    except (struct.error, OverflowError) as e:
+        raise UserError(f"{directory / 'config.json'}: a value GGUF metadata cannot store ({e})") from None
     writer.write_ti_data_to_file()
     for f, key, qtype in tqdm(plan, desc=f"writing {path.name}", unit="tensor", leave=False):
         data = f.get_tensor(key).to(torch.float32).numpy()
@@ -264,6 +269,7 @@ def export(opts: GGUFExportOptions) -> Path:
     if directory.is_file():
         raise UserError(f"{opts.checkpoint}: already a GGUF file; export takes a checkpoint directory")
     config = read_config(opts.checkpoint)
+    check_weights(directory, config)  # the config must describe these weights before it drives anything
     report = read_report(directory)
     out = Path(opts.outfile) if opts.outfile else default_outfile(Path(opts.checkpoint), opts.outtype)
     if not out.parent.is_dir():
