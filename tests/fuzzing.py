@@ -1,6 +1,6 @@
 """Seeded, structure-aware mutation fuzzing of every reader of user files (issue 15, item 3).
 
-`python tests/fuzzing.py --cases 100 --json out.json [--seed 0] [--only gguf-header,...]` builds tiny
+`python tests/fuzzing.py --work DIR --json OUT [--cases N] [--seed S] [--only gguf-header,...]` builds tiny
 valid files (a BPE tokenizer of 320 tokens, a 2-layer Llama, a per-layer `deci` model, their GGUFs),
 then for each reader mutates them case after case and hands each result to the project's own reader:
 GGUF counts, string lengths, value types, array sizes, tensor shapes, types and offsets, tensor data cut
@@ -77,7 +77,7 @@ def build(work: Path) -> dict[str, Path]:
     save(files["deci"], cut(model, plan.select(from_stats(collect(model, ids), shapes), shapes, widths)), tok)
     for name in ("llama", "deci"):
         files[f"{name}.gguf"] = export(GGUFExportOptions(str(files[name]), "f32", work / f"{name}.gguf"))
-    files["kitchen.gguf"] = _kitchen_sink(work / "kitchen.gguf")
+    files["kitchen.gguf"] = kitchen_sink(work / "kitchen.gguf")
     files["calib.txt"] = work / "calib.txt"
     files["calib.txt"].write_text("\n\n".join(texts[:2]))
     files["calib.jsonl"] = work / "calib.jsonl"
@@ -85,7 +85,7 @@ def build(work: Path) -> dict[str, Path]:
     return files
 
 
-def _kitchen_sink(path: Path) -> Path:
+def kitchen_sink(path: Path) -> Path:
     """A GGUF holding a key of every value type, arrays of each, and tensors of three types."""
     import gguf
     import numpy as np
@@ -389,7 +389,13 @@ def readers(files: dict[str, Path], work: Path) -> dict:
     from transact_edge.exporters.gguf import GGUFExportOptions, export
     from transact_edge.ggufmap import read_header
     from transact_edge.inspect import describe
-    from transact_edge.loading import check_gguf, load, load_tokenizer, read_config
+    from transact_edge.loading import check_gguf, load, read_config
+    try:
+        from transact_edge.loading import load_tokenizer
+    except ImportError:  # the code before the fixes, run to count what the fuzzing found
+        from transformers import AutoTokenizer as _auto
+
+        load_tokenizer = _auto.from_pretrained
     from transact_edge.options import PruneOptions
     from transact_edge.prune import prune
     from transact_edge.stream import Weights
@@ -529,7 +535,7 @@ def run_case(check, path: Path) -> tuple[str, str]:
 
 
 def fuzz(name: str, make, check, cases: int, seed: int, magic_kept=None) -> dict:
-    counts, findings, refusals = Counter(), [], Counter()
+    counts, findings, refusals, kinds = Counter(), [], Counter(), Counter()
     slowest, past_magic, jump = {"seconds": -1.0}, 0, {"mib": 0.0}
     start = time.perf_counter()
     for i in range(cases):
@@ -545,6 +551,7 @@ def fuzz(name: str, make, check, cases: int, seed: int, magic_kept=None) -> dict
         counts[outcome] += 1
         if outcome == "finding":
             findings.append({"case": i, "ops": ops, "error": detail})
+            kinds[detail.split(": ")[0]] += 1
         elif outcome == "refused":
             refusals[re.sub(r"\d+", "N", detail.replace(str(path), "PATH"))[:120]] += 1
         if dt > slowest["seconds"]:
@@ -552,7 +559,7 @@ def fuzz(name: str, make, check, cases: int, seed: int, magic_kept=None) -> dict
         if grew > jump["mib"]:
             jump = {"case": i, "mib": round(grew, 1), "ops": ops}
     return {"reader": name, "cases": cases, "seed": seed, "accepted": counts["accepted"], "refused": counts["refused"],
-            "findings": len(findings), "finding_cases": findings[:20], "past_magic": past_magic if magic_kept else None,
+            "findings": len(findings), "finding_kinds": kinds.most_common(), "finding_cases": findings[:20], "past_magic": past_magic if magic_kept else None,
             "seconds": round(time.perf_counter() - start, 2), "slowest_case": slowest, "largest_peak_rss_step": jump,
             "top_refusals": refusals.most_common(12)}
 
@@ -563,6 +570,7 @@ def _gguf_magic_kept(path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global CASE_SECONDS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, default=0, help="cases per reader, the GGUF header reader ten times more "
                     "(default: DEFAULT_CASES)")
@@ -570,7 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated readers")
     ap.add_argument("--work", type=Path, required=True, help="scratch directory")
     ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--case-seconds", type=float, default=CASE_SECONDS, help="a case running longer is a finding")
     a = ap.parse_args(argv)
+    CASE_SECONDS = a.case_seconds
     import torch
     import transformers
 
@@ -606,5 +616,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     sys.exit(main())

@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -22,8 +23,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fuzzing import DEFAULT_CASES
+from fuzzing import DEFAULT_CASES, kitchen_sink, gguf_fields
 from transact_edge.cli import main
+from transact_edge.errors import UserError
+from transact_edge.ggufmap import read_header
 
 pytestmark = pytest.mark.reliability
 CASES = os.environ.get("TRANSACT_EDGE_FUZZ_CASES")
@@ -75,6 +78,22 @@ def test_every_case_is_accepted_or_refused_in_one_line(campaign, reader):
 def test_no_case_grows_memory_past_one_gib(campaign):
     assert campaign["cap_catches_allocations"]  # the address-space cap is live: a 1.25 GiB allocation failed
     assert campaign["peak_rss_mib"] - campaign["baseline_rss_mib"] < 1024
+
+
+@pytest.mark.parametrize("kind, says", [("count", "cannot fit"), ("length", "are left"), ("dim", "past the end")])
+def test_a_size_of_2_to_the_60_is_refused_by_the_file_size(kind, says, tmp_path):
+    """Every count, string length and tensor dimension of a GGUF header claiming 2^60 is refused by
+    comparison with the bytes the file has: one line, no allocation (the peak RSS does not move)."""
+    path = kitchen_sink(tmp_path / "k.gguf")
+    data = path.read_bytes()
+    spots = [off for off, width, k in gguf_fields(data)[0] if k == kind and width == 8]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for off in spots:
+        path.write_bytes(data[:off] + (2**60).to_bytes(8, "little") + data[off + 8:])
+        with pytest.raises(UserError, match=says) as e:
+            read_header(path)
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+    assert len(spots) >= 3 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 64 * 1024
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["in-memory", "streamed"])
