@@ -54,7 +54,8 @@ def campaign(tmp_path_factory) -> dict:
     for r in summary["readers"]:
         print(f"{r['reader']:12s} {r['cases']:6d} cases: {r['accepted']} accepted, {r['refused']} refused, "
               f"{r['findings']} findings; slowest {r['slowest_case']['seconds']} s ({r['slowest_case']['ops']})")
-    print(f"peak RSS {summary['peak_rss_mib']} MiB (baseline {summary['baseline_rss_mib']}), "
+    print(f"peak RSS {summary['peak_rss_mib']} MiB (after warm-up {summary['baseline_rss_mib']}); largest growth in "
+          f"one case {max(r['largest_case_rss_growth']['mib'] for r in summary['readers'])} MiB; "
           f"{summary['wall_seconds']} s")
     if CASES:
         summary |= {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -78,6 +79,8 @@ def test_every_case_is_accepted_or_refused_in_one_line(campaign, reader):
 def test_no_case_grows_memory_past_one_gib(campaign):
     assert campaign["cap_catches_allocations"]  # the address-space cap is live: a 1.25 GiB allocation failed
     assert campaign["peak_rss_mib"] - campaign["baseline_rss_mib"] < 1024
+    for r in campaign["readers"]:  # each case's own peak above the RSS it started from
+        assert 0 <= r["largest_case_rss_growth"]["mib"] < 1024, r["largest_case_rss_growth"]
 
 
 @pytest.mark.parametrize("kind, says", [("count", "cannot fit"), ("length", "are left"), ("dim", "past the end")])

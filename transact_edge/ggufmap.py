@@ -146,22 +146,28 @@ def _parse(buf: memoryview):
     out = []
     for _ in range(n_kv):
         key = c.string("a key")
-        vtype = c.vtype(f"type of {key}")
+        vtype = c.vtype(f"type of {_short(key)}")
         if vtype == _ARRAY:
-            sub = c.vtype(f"element type of {key}")
-            out.append((key, c.array(sub, key), vtype, sub))
+            sub = c.vtype(f"element type of {_short(key)}")
+            out.append((key, c.array(sub, _short(key)), vtype, sub))
         else:
-            out.append((key, c.value(vtype, key), vtype, None))
+            out.append((key, c.value(vtype, _short(key)), vtype, None))
     infos = []
     for _ in range(n_tensors):
         name = c.string("a tensor name")
-        n_dims = c.number("<u4", f"dimension count of {name}")
+        shown = _short(name)
+        n_dims = c.number("<u4", f"dimension count of {shown}")
         if not 1 <= n_dims <= MAX_DIMS:
-            raise ValueError(f"tensor {name} has {n_dims} dimensions (1 to {MAX_DIMS} are valid)")
-        shape = tuple(c.number("<u8", f"shape of {name}") for _ in range(n_dims))
-        infos.append((name, shape, c.number("<u4", f"type of {name}"), c.number("<u8", f"data offset of {name}")))
+            raise ValueError(f"tensor {shown} has {n_dims} dimensions (1 to {MAX_DIMS} are valid)")
+        shape = tuple(c.number("<u8", f"shape of {shown}") for _ in range(n_dims))
+        infos.append((name, shape, c.number("<u4", f"type of {shown}"), c.number("<u8", f"data offset of {shown}")))
     _check_data(infos, dict((k, v) for k, v, *_ in out).get("general.alignment", 32), c.pos, len(buf))
     return out, [info[:3] for info in infos]
+
+
+def _short(name: str) -> str:
+    """A name read from the file as shown in a message: a hostile one may be megabytes long."""
+    return name if len(name) <= 80 else name[:77] + "..."
 
 
 def _check_data(infos: list, alignment, header_end: int, size: int) -> None:
@@ -169,11 +175,12 @@ def _check_data(infos: list, alignment, header_end: int, size: int) -> None:
     import gguf
 
     if not isinstance(alignment, int) or alignment < 1 or alignment & (alignment - 1):
-        raise ValueError(f"general.alignment {alignment!r} is not a power of two")
+        raise ValueError(f"general.alignment {_short(repr(alignment))} is not a power of two")
     start = -(-header_end // alignment) * alignment
     if len({name for name, *_ in infos}) != len(infos):
         raise ValueError("two tensors share a name")
-    for name, shape, ttype, offset in infos:
+    for full, shape, ttype, offset in infos:
+        name = _short(full)
         if ttype not in gguf.GGML_QUANT_SIZES:
             raise ValueError(f"tensor {name} has unknown type {ttype}")
         block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
@@ -186,7 +193,7 @@ def _check_data(infos: list, alignment, header_end: int, size: int) -> None:
 
 def _positive(v, key: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{key} is {v!r}, not a positive integer")
+        raise ValueError(f"{key} is {_short(repr(v))}, not a positive integer")
     return v
 
 
