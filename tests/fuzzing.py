@@ -432,7 +432,7 @@ def readers(files: dict[str, Path], work: Path) -> dict:
     def text_case(rng):
         suffix = rng.choice([".txt", ".jsonl"])
         data, ops = mutate_text(texts[suffix], rng, suffix == ".jsonl")
-        return _publish(work / f"calib{suffix}", data), [suffix, *ops]
+        return _publish(work / f"case{suffix}", data), [suffix, *ops]  # (not the calibration file of prune --stream)
 
     def to_gguf(path):
         export(GGUFExportOptions(str(path), "f32", work / "exported.gguf"))
