@@ -455,7 +455,7 @@ def readers(files: dict[str, Path], work: Path) -> dict:
         "tokenizer": (dir_case(lambda rng: rng.choices(list(tok_seeds), [4, 1])[0],
                                lambda n, rng: mutate_json(tok_seeds[n], rng)),
                       _each(lambda p: corpus.token_stream(load_tokenizer(p), ["The quick brown fox.", "a"]),
-                            lambda p: load(str(p)), to_gguf)),
+                            lambda p: load(str(p)), to_gguf, streamed)),
         "calib": (text_case, _each(lambda p: corpus.windows(corpus.stream(tok, str(p)), 16, 4))),
         "train-data": (text_case, _each(lambda p: _train(traindata, tok, p))),
     }
@@ -602,23 +602,55 @@ def main(argv: list[str] | None = None) -> int:
         run_case(table[name][1], valid.get(name, files["llama"]))  # every reader's path through a valid file
         for i in range(3):
             run_case(table[name][1], table[name][0](random.Random(f"warm/{name}/{i}"))[0])
-    baseline_rss, baseline_vm = _rss_mib(), _rss_mib("VmSize")
     warm_peak = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    counts = {name: a.cases * (10 if name == "gguf-header" else 1) if a.cases else n for name, n in DEFAULT_CASES.items()}
+    results = [_forked(lambda: _capped(name, table[name], counts[name], a.seed)) | {"reader": name} for name in chosen]
+    summary = {"readers": results, "baseline_rss_mib": max(r["baseline_rss_mib"] for r in results),
+               "warm_up_peak_rss_mib": warm_peak, "peak_rss_mib": max(r["peak_rss_mib"] for r in results),
+               "cap_catches_allocations": all(r["cap_catches_allocations"] for r in results),
+               "seconds": round(time.perf_counter() - t0, 1)}
+    a.json.write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+def _capped(name: str, reader, cases: int, seed: int) -> dict:
+    """One reader's campaign under an address space capped at its warmed-up size + CAP_BYTES."""
+    baseline_rss, baseline_vm = _rss_mib(), _rss_mib("VmSize")
     resource.setrlimit(resource.RLIMIT_AS, (int(baseline_vm * 2**20) + CAP_BYTES, resource.RLIM_INFINITY))
     try:  # the cap is live: an allocation past it fails
         bytearray(CAP_BYTES + CAP_BYTES // 4)
         caught = False
     except MemoryError:
         caught = True
-    counts = {name: a.cases * (10 if name == "gguf-header" else 1) if a.cases else n for name, n in DEFAULT_CASES.items()}
-    results = [fuzz(name, *table[name], counts[name], a.seed,
-                    _gguf_magic_kept if name.startswith("gguf") else None) for name in chosen]
-    summary = {"readers": results, "baseline_rss_mib": round(baseline_rss, 1), "warm_up_peak_rss_mib": warm_peak,
-               "peak_rss_mib": max(r["peak_rss_mib"] for r in results),
-               "address_space_cap_mib": round(baseline_vm + CAP_BYTES / 2**20),
-               "cap_catches_allocations": caught, "seconds": round(time.perf_counter() - t0, 1)}
-    a.json.write_text(json.dumps(summary, indent=1))
-    return 0
+    result = fuzz(name, *reader, cases, seed, _gguf_magic_kept if name.startswith("gguf") else None)
+    return result | {"baseline_rss_mib": round(baseline_rss, 1), "address_space_cap_mib": round(baseline_vm + CAP_BYTES / 2**20),
+                     "cap_catches_allocations": caught}
+
+
+def _forked(run) -> dict:
+    """run() in a child process (each reader's campaign starts from the warmed-up parent: what one reader's
+    cases leave behind, such as tokenizers transformers never frees, does not count against the next);
+    a child that dies (a Rust abort on a failed allocation, a signal) is a finding."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            data = json.dumps(run()).encode()
+            while data:
+                data = data[os.write(w, data):]
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    if data:
+        return json.loads(data)
+    death = f"the campaign's process died ({'signal ' + str(-os.waitstatus_to_exitcode(status))})"
+    return {"cases": 0, "accepted": 0, "refused": 0, "findings": 1, "finding_kinds": [[death, 1]],
+            "finding_cases": [{"error": death}], "peak_rss_mib": 0.0, "baseline_rss_mib": 0.0,
+            "cap_catches_allocations": False, "largest_case_rss_growth": {"mib": -1.0}, "top_refusals": []}
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from transact_edge.checkpoint import REPORT_FORMAT, atomic_dir, check_output, re
 from transact_edge.errors import UserError
 from transact_edge.options import PruneOptions, recovery_options, validate
 from transact_edge.evaluate import perplexity
-from transact_edge.loading import check_weights, load, read_config, resolve
+from transact_edge.loading import check_weights, load, load_tokenizer, read_config, resolve
 from transact_edge.shapes import config_params, count_params, head_dim, layer_shapes, summary, widths_line
 from transact_edge.surgery import cut
 
@@ -282,8 +282,6 @@ def _cut(model, calib: torch.Tensor, shot: int, opts: PruneOptions, kept: plan.P
 
 def _prune_streamed(opts: PruneOptions) -> dict:
     """One TransAct shot, layer by layer from a safetensors directory (models larger than memory)."""
-    from transformers import AutoTokenizer
-
     from transact_edge.stream import prune_streamed
 
     unsupported = {"--shots": opts.shots != 1, "--train-tokens": opts.train_tokens != 0,
@@ -296,7 +294,7 @@ def _prune_streamed(opts: PruneOptions) -> dict:
         raise UserError(f"--stream reads a Hugging Face safetensors directory, not {path}")
     config = read_config(opts.model)
     plan.target(_widest(layer_shapes(config)), opts.widths)
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = load_tokenizer(path)
     windows = corpus.windows(corpus.stream(tok, opts.calib, "train"), opts.seq_len, opts.calib_samples)
     return prune_streamed(path, opts.out, opts.widths, windows, opts.batch_size, opts.per_layer)
 
