@@ -39,7 +39,7 @@ def _expected(reader: str) -> int:
 
 @pytest.fixture(scope="module")
 def campaign(tmp_path_factory) -> dict:
-    """One fuzzing process for every reader (its tiny files are built once), its summary."""
+    """One fuzzing run (its tiny files built once, each reader's cases in a child forked from it), its summary."""
     work = tmp_path_factory.mktemp("fuzz")
     out = work / "summary.json"
     cmd = [sys.executable, str(Path(__file__).with_name("fuzzing.py")), "--work", str(work / "files"), "--json", str(out)]
