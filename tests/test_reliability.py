@@ -184,7 +184,9 @@ def test_sigterm_and_sigint_clean_up(sig, code, tiny_llama_dir, tmp_path):
     proc = start(export_args("gguf", tiny_llama_dir, out))
     while proc.poll() is None and phase(out) != "writing the output":
         time.sleep(0.002)
+    proc.send_signal(signal.SIGSTOP)  # held inside the write, so the signal cannot arrive after it (a race)
     proc.send_signal(sig)
+    proc.send_signal(signal.SIGCONT)
     assert proc.wait() == code, proc.stderr_text()
     assert not out.exists() and leftovers(tmp_path) == []
 
