@@ -43,6 +43,17 @@ class CaseTimeout(BaseException):
 
 # ---------------------------------------------------------------- fixtures
 
+def broken_json(doc, rng: random.Random) -> tuple[bytearray, int]:
+    """`doc` as JSON with one byte changed or the text cut there; the bytes and the position."""
+    raw = bytearray(json.dumps(doc).encode())
+    at = rng.randrange(len(raw))
+    if rng.random() < 0.5:
+        raw[at] = rng.randrange(256)
+    else:
+        del raw[at:]
+    return raw, at
+
+
 def build(work: Path) -> dict[str, Path]:
     """Tiny valid inputs: model directories, GGUFs (llama, deci, every value type), texts."""
     import torch
@@ -269,12 +280,7 @@ def mutate_safetensors(data: bytes, rng: random.Random) -> tuple[bytes, list[str
                                   rng.getrandbits(64)])
             ops.append(f"hlen={raw_len}")
         elif op == "json":
-            raw = bytearray(json.dumps(header).encode())
-            at = rng.randrange(len(raw))
-            if rng.random() < 0.5:
-                raw[at] = rng.randrange(256)
-            else:
-                del raw[at:]
+            raw, at = broken_json(header, rng)
             ops.append(f"json@{at}")
         elif op == "cut":
             at = rng.randrange(len(body))
@@ -332,12 +338,7 @@ def mutate_json(text: str, rng: random.Random, keys: list[str] | None = None) ->
         elif op == "nan":
             return json.dumps(doc).replace("32", "NaN", 1).encode(), ["NaN"]
         elif op == "syntax":
-            raw = bytearray(json.dumps(doc).encode())
-            at = rng.randrange(len(raw))
-            if rng.random() < 0.5:
-                raw[at] = rng.randrange(256)
-            else:
-                del raw[at:]
+            raw, at = broken_json(doc, rng)
             return bytes(raw), [*ops, f"syntax@{at}"]
     return json.dumps(doc).encode(), ops
 
