@@ -41,22 +41,34 @@ CALIB = dict(calib_samples=128, seq_len=1024, batch_size=32)
 WIDTHS = {"tx75": dict(heads=9, kv_heads=3, mlp=1024), "tx60": dict(heads=6, kv_heads=2, mlp=896),
           "tx50": dict(heads=6, kv_heads=2, mlp=672)}
 POINTS: dict[str, dict] = {"dense": {}}
+GENERATED = dict(train_data="wiki@1,generated@3", gen_tokens=12_000_000)
+LRS = {"lr1e-4": 1e-4, "": 3e-4, "lr1e-3": 1e-3}  # the learning-rate grid of both losses (3e-4: no suffix)
 for w in WIDTHS:
     POINTS[f"{w}-none"] = dict(widths=w, train_tokens=0)
-    for loss, lr in (("kd", 3e-4), ("lm", 3e-4)):
-        POINTS[f"{w}-{loss}"] = dict(widths=w, recovery=loss, lr=lr, train_tokens=16_000_000)
+    for loss in ("kd", "lm"):
+        for tag, lr in LRS.items():
+            POINTS[f"{w}-{loss}{'-' * bool(tag)}{tag}"] = dict(widths=w, recovery=loss, lr=lr, train_tokens=16_000_000)
     POINTS[f"{w}-kd-50M"] = dict(widths=w, recovery="kd", lr=3e-4, train_tokens=50_000_000)
     # the same 16M tokens, three quarters of them sampled from the teacher (12M distinct tokens, not 64 epochs)
-    POINTS[f"{w}-kd-gen"] = dict(widths=w, recovery="kd", lr=3e-4, train_tokens=16_000_000,
-                                 train_data="wiki@1,generated@3", gen_tokens=12_000_000)
+    POINTS[f"{w}-kd-gen"] = dict(widths=w, recovery="kd", lr=3e-4, train_tokens=16_000_000, **GENERATED)
+    POINTS[f"{w}-kd-gen-50M"] = dict(widths=w, recovery="kd", lr=3e-4, train_tokens=50_000_000, **GENERATED)
+    # iterative (the reference's 8 shots) against the one-shot kd-gen point, at equal tokens, per schedule
+    for schedule in ("linear", "final", "equal"):
+        POINTS[f"{w}-kd-gen-s8-{schedule}"] = dict(widths=w, recovery="kd", lr=3e-4, train_tokens=16_000_000,
+                                                   shots=8, schedule=schedule, **GENERATED)
 for n in (8, 15):  # ~75% and ~50% of the layers' parameters
     POINTS[f"depth{n}-llama"] = dict(drop_layers=n, llama_quantize=True)
     POINTS[f"depth{n}-kd"] = dict(drop_layers=n, recovery="kd", lr=3e-4, train_tokens=16_000_000)
 
 
-def done_points(path: Path) -> set[str]:
-    return {json.loads(l)["point"] for l in path.read_text().splitlines() if l.strip()} if path.is_file() else set()
+def done_rows(path: Path) -> set[tuple[str, str]]:
+    """(point, type) pairs already scored (rows with a caveat are to be re-run): a point cut off while
+    scoring resumes at its next type."""
+    return {(r["point"], r["type"]) for r in read_rows(path) if not r.get("caveat")}
 
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.is_file() else []
 
 TOOLS_DIR: Path | None = None  # --tools
 
@@ -125,35 +137,63 @@ def shortgpt_layers(n: int, model: str) -> list[int]:
     return depth.choose(depth.block_influence(loaded.model.to(dev), calib, 8), n)
 
 
-def run_point(name: str, a) -> None:
-    from transact_edge.exporters.gguf import GGUFExportOptions, export
+def pruned(name: str, a) -> tuple[str, dict]:
+    """The point's pruned model (made now, resumed from its last checkpoint, or found finished under
+    --work) and what its run recorded."""
     from transact_edge.plan import WidthRequest
     from transact_edge.prune import PruneOptions, prune
 
     spec = POINTS[name]
-    work = Path(tempfile.mkdtemp(prefix=f"frontier-{name}-"))
-    record: dict = {"point": name, "spec": spec}
-    t = time.perf_counter()
-    source = a.model
-    if spec.get("widths") or spec.get("drop_layers") and not spec.get("llama_quantize"):
+    out = a.work / name
+    if not (out / "transact.json").is_file():
+        a.work.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
         widths = WidthRequest(**WIDTHS[spec["widths"]]) if spec.get("widths") else WidthRequest()
-        out = work / name
-        report = prune(PruneOptions(
+        prune(PruneOptions(
             model=a.model, out=out, widths=widths, train_tokens=spec.get("train_tokens", 0),
             recovery=spec.get("recovery", "kd"), lr=spec.get("lr", 3e-4), drop_layers=spec.get("drop_layers", 0),
-            train_data=spec.get("train_data", a.train_data), gen_tokens=spec.get("gen_tokens", 0), val_every=50, seed=0, force=True, **CALIB))
-        record["params"] = report["pruned"]["params"]
-        record["recovery"] = [{k: v for k, v in s["recovery"].items() if k not in ("loss_curve",)}
-                              for s in report["shots"] if "recovery" in s]
-        record["generated"] = {k: v for k, v in report.get("generated", {}).items() if k != "file"} or None
-        source = str(out)
-    record["seconds_prune"] = time.perf_counter() - t
-    f16 = export(GGUFExportOptions(source, "f16", work / f"{name}-f16.gguf"))
+            shots=spec.get("shots", 1), schedule=spec.get("schedule", "linear"),
+            train_data=spec.get("train_data", a.train_data), gen_tokens=spec.get("gen_tokens", 0), gen_cache=a.gen_cache, val_every=50,
+            seed=0, resume=True, force=True, checkpoint_minutes=1.0, **CALIB))  # slots end: checkpoint often
+        print(f"{name}: pruned in {time.perf_counter() - t:.0f} s (this slot)", flush=True)
+    report = json.loads((out / "transact.json").read_text())
+    record = {"params": report["pruned"]["params"], "seconds_prune": sum(report["seconds"].values()),
+              "recovery": [{k: v for k, v in s["recovery"].items() if k != "loss_curve"}
+                           for s in report["shots"] if "recovery" in s],
+              "generated": {k: v for k, v in report.get("generated", {}).items() if k != "file"} or None}
+    return str(out), record | {"chat": chat_agreement(str(out), a.model)}
+
+
+def chat_agreement(model: str, reference: str) -> dict:
+    """How often the pruned model's greedy answers to the fixed chat prompts start like the dense model's."""
+    import torch
+
+    from transact_edge import chat
+    from transact_edge.loading import load
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    ours, ref = load(model), load(reference)
+    found = chat.agreement(ours.model.to(dev), ref.model.to(dev), ref.tokenizer)
+    print(f"{model}: {found.line()}", flush=True)
+    return {"agreeing": found.agreeing, "prompts": found.prompts, "n_tokens": found.n_tokens,
+            "answers": found.answers}
+
+
+def run_point(name: str, a, types: list[str]) -> None:
+    from transact_edge.exporters.gguf import GGUFExportOptions, export
+
+    spec = POINTS[name]
+    record: dict = {"point": name, "spec": spec}
+    source = a.model
+    if spec.get("widths") or spec.get("drop_layers") and not spec.get("llama_quantize"):
+        source, made = pruned(name, a)
+        record |= made
+    f16 = export(GGUFExportOptions(source, "f16", Path(tempfile.mkdtemp(prefix=f"frontier-{name}-")) / f"{name}-f16.gguf"))
     layers = shortgpt_layers(spec["drop_layers"], a.model) if spec.get("llama_quantize") else None
     record["pruned_layers"] = layers
     files = texts(a)
     info = machine()
-    for outtype in a.types:  # each row appended as soon as it is scored: a slot that runs out keeps what it measured
+    for outtype in types:  # each row appended as soon as it is scored: a slot that runs out keeps what it measured
         gguf = quantize(f16, outtype, layers) if outtype != "f16" or layers else f16
         row = record | {"type": outtype, "bytes": gguf.stat().st_size, "tg64_tok_s": decode_speed(gguf, a)}
         row |= {f"ppl_{k}": perplexity(gguf, f, a) for k, f in files.items()}
@@ -161,7 +201,6 @@ def run_point(name: str, a) -> None:
               flush=True)
         with a.results.open("a") as f:
             f.write(json.dumps(row | {"machine": info, "chunks": a.chunks}) + "\n")
-
 
 def throughput(a) -> None:
     """Sampling new tok/s for each KV cache and batch; KD vs LM training steps at the 50% widths, with
@@ -185,18 +224,22 @@ def throughput(a) -> None:
     else:
         loaded = load(a.model)
         model, ids, eos = loaded.model, corpus.stream(loaded.tokenizer), loaded.tokenizer.eos_token_id
-    gen_rows = []
+    gen_rows, first = [], {}
     for cache in a.gen_caches:
         for batch in a.gen_batches:
             def opts(rounds: int):
                 return generate.GenOptions(tokens=batch * a.gen_len * rounds, new_len=a.gen_len, batch=batch,
                                            cache=cache, compile=cache == "static")
-            generate.generate(model.bfloat16(), ids, eos, opts(1))  # warm-up (and compile)
+            warm, _ = generate.generate(model.bfloat16(), ids, eos, opts(1))  # warm-up (and compile, capture)
             torch.cuda.synchronize(dev) if dev.type == "cuda" else None
             _, stats = generate.generate(model, ids, eos, opts(3))
-            gen_rows.append({"cache": cache, "compile": cache == "static", "new_len": a.gen_len, **stats})
+            reference = first.setdefault(batch, warm)  # the first cache's tokens: do the others sample the same?
+            gen_rows.append({"cache": cache, "compile": cache == "static", "new_len": a.gen_len, **stats,
+                             "same_tokens_as": a.gen_caches[0], "same_tokens": float((warm == reference).mean())})
             print(json.dumps(gen_rows[-1]), flush=True)
     (RESULTS / "generation_throughput.json").write_text(json.dumps({"machine": info, "rows": gen_rows}, indent=1))
+    if a.no_steps:
+        return
     # a student of the tx50 widths (uniform, so a plain Llama of that config): steps cost the same as a pruned one's
     tx50 = WIDTHS["tx50"]
     student_cfg = LlamaConfig(**SMOLLM2 | dict(num_attention_heads=tx50["heads"], num_key_value_heads=tx50["kv_heads"],
@@ -251,7 +294,9 @@ def table(rows: list[dict], keys: list[str], fronts: dict[str, set[int]], picked
 
 def report(a) -> None:
     """frontier.md (every row), frontier.png, and the short table the demo shows (package data)."""
-    rows = [json.loads(l) for l in a.results.read_text().splitlines() if l.strip()]
+    rows = read_rows(a.results)
+    fresh = done_rows(a.results)  # a re-run replaces the row it was made to replace
+    rows = [r for r in rows if not (r.get("caveat") and (r["point"], r["type"]) in fresh)]
     keys = [k for k in ("ppl_wiki", "ppl_news") if all(k in r for r in rows)]
     fronts = {k: pareto(rows, k) for k in keys}
     date = max(r["machine"]["date"] for r in rows)[:10]
@@ -298,12 +343,16 @@ def main() -> None:
     p.add_argument("--results", type=Path, default=RESULTS / "frontier.jsonl")
     p.add_argument("--gen-batches", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 8192])
     p.add_argument("--gen-caches", type=lambda s: s.split(","), default=["preallocated", "dynamic"],
-                   help="KV caches to time sampling with (preallocated, dynamic, static: compiled)")
+                   help="KV caches to time sampling with (preallocated, graphs, dynamic, static: compiled)")
+    p.add_argument("--gen-cache", default="preallocated", help="point: KV cache of the teacher's sampling")
+    p.add_argument("--no-steps", action="store_true", help="throughput: time sampling only, not recovery steps")
     p.add_argument("--gen-len", type=int, default=256, help="tokens sampled per sequence")
     p.add_argument("--random-weights", action="store_true", help="throughput: SmolLM2's shapes with random weights "
                    "(no model file needed)")
     p.add_argument("--types", type=lambda v: v.split(","), default=list(TYPES),
                    help=f"GGUF types to score (default: {','.join(TYPES)})")
+    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "frontier-work",
+                   help="where pruned points are kept, so a point cut off by its slot resumes from its checkpoint")
     p.add_argument("--tools", type=Path, help="directory of llama.cpp's tools (default: transact-edge build-llama's)")
     a = p.parse_args()
     global TOOLS_DIR
@@ -315,10 +364,11 @@ def main() -> None:
     for name in a.points:
         if name not in POINTS:
             raise SystemExit(f"unknown point {name!r} (choose from {', '.join(POINTS)})")
-        if name in done_points(a.results):
-            print(f"{name}: already in {a.results}; skipped")
+        types = [t for t in a.types if (name, t) not in done_rows(a.results)]
+        if not types:
+            print(f"{name}: every type asked for is in {a.results}; skipped")
             continue
-        run_point(name, a)
+        run_point(name, a, types)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def _prune_options(a: argparse.Namespace):
         per_layer=a.per_layer, metric=a.metric, stream=a.stream, shots=a.shots, train_tokens=a.train_tokens,
         schedule=a.schedule, recovery=a.recovery, kd_temperature=a.kd_temperature, kd_alpha=a.kd_alpha,
         teacher=a.teacher, train_data=a.train_data, gen_tokens=a.gen_tokens, gen_len=a.gen_len,
-        gen_batch=a.gen_batch, val_windows=a.val_windows, val_every=a.val_every,
+        gen_batch=a.gen_batch, gen_cache=a.gen_cache, val_windows=a.val_windows, val_every=a.val_every,
         checkpoint_minutes=a.checkpoint_minutes, drop_layers=a.drop_layers, calib=a.calib,
         calib_samples=a.calib_samples, seq_len=a.seq_len, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
         eval=a.eval, eval_tokens=a.eval_tokens, resume=a.resume, force=a.force, device=a.device,

@@ -46,13 +46,14 @@ class PruneOptions:
     sharding: str = "ddp"            # recovery under a launcher (distributed.py): ddp or fsdp
     checkpoint_minutes: float = 5.0  # recovery state saved at least this often inside a shot
     gen_batch: int = 0               # sequences sampled at once (0: automatic)
+    gen_cache: str = "preallocated"  # KV cache of sampling (generate.CACHES; speed only, the same tokens)
     plan: str | None = None          # a transact.json whose cut to replay (no calibration)
 
     def fingerprint(self) -> dict:
         """What must match for --resume to continue a run."""
         d = asdict(self)
         for k in ("resume", "force", "device", "sharding", "eval", "eval_tokens", "out", "checkpoint_minutes",
-                  "gen_batch"):
+                  "gen_batch", "gen_cache"):
             d.pop(k)
         return json.loads(json.dumps(d, default=str))
 
@@ -94,7 +95,8 @@ def loss_options(opts: PruneOptions) -> distill.LossOptions:
 
 
 def gen_options(opts: PruneOptions) -> generate.GenOptions:
-    return generate.GenOptions(opts.gen_tokens, seed=opts.seed, new_len=opts.gen_len, batch=opts.gen_batch)
+    return generate.GenOptions(opts.gen_tokens, seed=opts.seed, new_len=opts.gen_len, batch=opts.gen_batch,
+                               cache=opts.gen_cache)
 
 
 def recovery_options(opts: PruneOptions) -> recovery.RecoveryOptions:
