@@ -343,7 +343,7 @@ def main() -> None:
     p.add_argument("--results", type=Path, default=RESULTS / "frontier.jsonl")
     p.add_argument("--gen-batches", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 8192])
     p.add_argument("--gen-caches", type=lambda s: s.split(","), default=["preallocated", "dynamic"],
-                   help="KV caches to time sampling with (preallocated, graphs, dynamic, static: compiled)")
+                   help="KV caches to time sampling with (preallocated, dynamic, static: compiled)")
     p.add_argument("--gen-cache", default="preallocated", help="point: KV cache of the teacher's sampling")
     p.add_argument("--no-steps", action="store_true", help="throughput: time sampling only, not recovery steps")
     p.add_argument("--gen-len", type=int, default=256, help="tokens sampled per sequence")

@@ -76,6 +76,8 @@ CASES = {
     "negative train data weight": ["--model", "{tiny}", "--train-tokens", "64", "--train-data", "wiki@-1"],
     "train data named twice": ["--model", "{tiny}", "--train-tokens", "64", "--train-data", "wiki,wiki@2"],
     "generated without gen tokens": ["--model", "{tiny}", "--train-tokens", "64", "--train-data", "generated"],
+    "unknown gen cache": ["--model", "{tiny}", "--train-tokens", "64", "--train-data", "generated", "--gen-tokens", "64",
+                          "--gen-cache", "paged"],
     "missing teacher": ["--model", "{tiny}", "--train-tokens", "64", "--teacher", "{tmp}/no-teacher"],
     "too many layers dropped": ["--model", "{tiny}", "--drop-layers", "3"],
 }

@@ -215,6 +215,17 @@ def test_chat_agreement_counts_answers_that_start_alike(tokenizer):
     assert other.agreeing < other.prompts and len(other.answers) == 16
 
 
+def test_chat_agreement_needs_no_pad_token(tokenizer):
+    """A tokenizer read from GGUF may have no pad token: the prompts are padded with EOS, the tokenizer is left as it was."""
+    from transact_edge.chat import agreement
+
+    tok = copy.deepcopy(tokenizer)
+    tok.pad_token = None
+    model = tiny_model("llama")
+    assert agreement(model, copy.deepcopy(model), tok, n_tokens=2).agreeing == 16
+    assert tok.pad_token is None and tok.padding_side == tokenizer.padding_side
+
+
 def test_windows_are_shuffled_and_every_epoch_differently():
     rows = torch.arange(64 * 8).view(64, 8)  # window i holds 8i .. 8i+7
     m = traindata.from_windows(rows)

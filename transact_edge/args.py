@@ -63,7 +63,7 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--gen-len", type=int, default=256, help="tokens sampled per generated sequence")
     r.add_argument("--gen-batch", type=_positive_int, default=0, help="sequences sampled at once (0: automatic)")
     r.add_argument("--gen-cache", default="preallocated",
-                   help="KV cache of sampling: preallocated, graphs (each position a CUDA graph), dynamic, static")
+                   help="KV cache of sampling: preallocated, dynamic (transformers' DynamicCache), static (compiled)")
     r.add_argument("--val-windows", type=_positive_int, default=8,
                    help="validation windows held apart from the first training source (0: none)")
     r.add_argument("--val-every", type=_positive_int, default=0, help="steps between validation losses "

@@ -50,10 +50,15 @@ def greedy_answers(model, tokenizer, prompts=PROMPTS, n_tokens: int = 8) -> torc
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                            add_generation_prompt=True) for p in prompts]
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    pad_token = tokenizer.pad_token
+    if pad_token is None:  # a tokenizer read from GGUF may have none; left padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
     try:
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     finally:
         tokenizer.padding_side = side
+        if pad_token is None:
+            tokenizer.pad_token = None
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = model.generate(**enc.to(device), do_sample=False, max_new_tokens=n_tokens, pad_token_id=pad)

@@ -50,12 +50,10 @@ class GenOptions:
     compile: bool = False       # torch.compile the decoding step (CUDA graphs on a GPU; static cache)
     cache: str = "preallocated"  # preallocated: buffers of the final length, attention reads the filled part
                                 # (no padding, so no mask, and SDPA reads grouped KV heads as they are);
-                                # graphs: the same, each decoding position captured once as a CUDA graph
-                                # (one launch per token; elsewhere than CUDA the same as preallocated);
                                 # dynamic: transformers' DynamicCache, which copies itself to grow each token;
                                 # static: fixed shapes with a mask, for torch.compile
 
-CACHES = ("preallocated", "graphs", "dynamic", "static")
+CACHES = ("preallocated", "dynamic", "static")
 
 
 def check(opts: GenOptions) -> None:
@@ -111,13 +109,9 @@ def _preallocated(config, max_len: int):
             end = self.length + key_states.shape[-2]
             self.buffers[0, :, :, self.length:end] = key_states
             self.buffers[1, :, :, self.length:end] = value_states
-            self.rewind(end)
+            self.length = end
+            self.keys, self.values = self.buffers[0, :, :, :end], self.buffers[1, :, :, :end]
             return self.keys, self.values
-
-        def rewind(self, length: int) -> None:
-            """Filled up to `length` (the views too: mask sizes are read from them)."""
-            self.length = length
-            self.keys, self.values = self.buffers[0, :, :, :length], self.buffers[1, :, :, :length]
 
     cache = DynamicCache(config=config)
     cache.layers = [Layer() for _ in cache.layers]
@@ -133,9 +127,9 @@ def sample(model, prompt: torch.Tensor, new_len: int, gen: torch.Generator, temp
 
     b, p = prompt.shape
     device = prompt.device
-    key = _cache_key(model)
+    # transformers renamed `past_key_values` to `cache` in 5.2x; take whichever this version has
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     made = {"preallocated": lambda: _preallocated(model.config, p + new_len),
-            "graphs": lambda: _preallocated(model.config, p + new_len),
             "dynamic": lambda: DynamicCache(config=model.config),
             "static": lambda: StaticCache(config=model.config, max_cache_len=p + new_len)}
     kv = {key: made[cache]()}
@@ -149,80 +143,6 @@ def sample(model, prompt: torch.Tensor, new_len: int, gen: torch.Generator, temp
             pos = torch.tensor([p + i], device=device)
             logits = decode(input_ids=out[:, i:i + 1], cache_position=pos, use_cache=True, **kv).logits[:, -1]
     return out
-
-
-class GraphSteps:
-    """The decoding step at every position captured once as a CUDA graph and replayed for each later
-    batch of prompts: one launch per token instead of the hundreds of kernels an eager step launches
-    from Python, which left sampling bound by the CPU (~30 ms a step on the H200 host at batch 4096
-    and 8192 alike). The KV buffers are preallocated, so every position's shapes are fixed; the
-    output projection and the sampling stay eager (a graph's logits would hold 0.8 GB each)."""
-
-    def __init__(self, model, batch: int, prompt_len: int, new_len: int):
-        self.model, self.p, self.batch = model, prompt_len, batch
-        self.body = model.base_model
-        self.key = _cache_key(self.body)
-        self.cache = _preallocated(model.config, prompt_len + new_len)
-        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=next(model.parameters()).device)
-        self.graphs: list = []
-        self.hidden: list[torch.Tensor] = []
-        self.positions: list[torch.Tensor] = []
-        self.pool = None
-
-    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
-        for layer in self.cache.layers:  # a new batch of prompts overwrites the buffers from position 0
-            if layer.is_initialized:
-                layer.rewind(0)
-        return self.model(input_ids=prompt, cache_position=torch.arange(self.p, device=prompt.device), use_cache=True,
-                          logits_to_keep=1, **{self.key: self.cache}).logits[:, -1]
-
-    def __call__(self, i: int, token: torch.Tensor) -> torch.Tensor:
-        """Logits after feeding `token` (B,) at position prompt_len + i."""
-        self.ids.copy_(token[:, None])
-        if i == len(self.graphs):
-            self._capture(i)
-        self.graphs[i].replay()
-        return self.model.get_output_embeddings()(self.hidden[i][:, -1])
-
-    def _capture(self, i: int) -> None:
-        pos = torch.tensor([self.p + i], device=self.ids.device)
-        step = lambda: self.body(input_ids=self.ids, cache_position=pos, use_cache=True,  # noqa: E731
-                                 **{self.key: self.cache}).last_hidden_state
-        if i == 0:  # lazily made handles and workspaces, outside any capture (as torch.cuda.graph asks)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                step()
-            torch.cuda.current_stream().wait_stream(side)
-            for layer in self.cache.layers:
-                layer.rewind(layer.length - 1)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):  # one pool: graphs replay one after another
-            self.hidden.append(step())
-        self.pool = graph.pool()
-        self.graphs.append(graph)
-        self.positions.append(pos)
-
-
-def _cache_key(module) -> str:
-    """transformers renamed `past_key_values` to `cache` in 5.2x; take whichever this version has."""
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
-
-
-@torch.inference_mode()
-def sample_graphs(steps: GraphSteps, prompt: torch.Tensor, new_len: int, gen: torch.Generator,
-                  temperature: float = 1.0) -> torch.Tensor:
-    """`sample` through captured decoding steps; a batch smaller than the graphs' is padded and cut."""
-    b = prompt.shape[0]
-    if b < steps.batch:
-        prompt = torch.cat([prompt, prompt[:1].expand(steps.batch - b, -1)])
-    out = torch.empty(steps.batch, new_len, dtype=torch.long, device=prompt.device)
-    logits = steps.prefill(prompt)
-    for i in range(new_len):
-        out[:, i] = _gumbel_argmax(logits, temperature, gen)
-        if i + 1 < new_len:
-            logits = steps(i, out[:, i])
-    return out[:b]
 
 
 def auto_batch(model, length: int, device: torch.device) -> int:
@@ -244,14 +164,9 @@ def generate(model, calib_ids: torch.Tensor, eos: int, opts: GenOptions) -> tupl
     starts = prompts(calib_ids, n_seq, opts.prompt_len, opts.seed)
     gen = torch.Generator(device=device).manual_seed(opts.seed)
     step = torch.compile(model.forward, mode="reduce-overhead", dynamic=False) if opts.compile else None
-    graphs = GraphSteps(model, min(batch, n_seq), opts.prompt_len, opts.new_len) \
-        if opts.cache == "graphs" and device.type == "cuda" else None
     rows, sampled, t0 = [], 0, time.perf_counter()
     for chunk in tqdm(starts.split(batch), desc="generating", unit="batch", leave=False):
-        if graphs is not None:
-            new = sample_graphs(graphs, chunk.to(device), opts.new_len, gen, opts.temperature)
-        else:
-            new = sample(model, chunk.to(device), opts.new_len, gen, opts.temperature, opts.cache, step)
+        new = sample(model, chunk.to(device), opts.new_len, gen, opts.temperature, opts.cache, step)
         eos_col = torch.full((chunk.shape[0], 1), eos, dtype=torch.long)
         rows.append(torch.cat([chunk, new.cpu(), eos_col], dim=1))
         sampled += new.numel()
