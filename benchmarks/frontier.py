@@ -3,6 +3,7 @@ baselines a user would reach for instead (the dense model at every type, depth p
 
     python benchmarks/frontier.py point tx50-kd [--second-text lee_background.cor]   # one point, end to end
     python benchmarks/frontier.py throughput --random-weights   # sampling new tok/s; KD vs LM step tok/s (GPU)
+    python benchmarks/frontier.py speed             # decode tok/s of every shape x type on this host, one run
     python benchmarks/frontier.py report            # markdown table + plot with the Pareto front
 
 A point prunes SmolLM2-135M (prune(): 128 x 1024 calibration tokens, batch 32 x 1024, AdamW, bf16
@@ -268,10 +269,47 @@ def throughput(a) -> None:
                                                                   "rows": rows}, indent=1))
 
 
-def pareto(rows: list[dict], key: str) -> set[int]:
-    """Indices of rows no other row beats in both bytes and perplexity."""
+SHAPES = {"dense": {}, **{w: dict(widths=w) for w in WIDTHS}, "depth8": dict(drop_layers=8),
+          "depth15": dict(drop_layers=15)}
+SPEED = RESULTS / "frontier_speed.json"
+
+
+def shape_of(point: str) -> str:
+    """The shape a point's GGUF has: its widths, its layer count, or the dense model's."""
+    spec = POINTS.get(point, {})
+    return spec.get("widths") or (f"depth{spec['drop_layers']}" if spec.get("drop_layers") else "dense")
+
+
+def speed(a) -> None:
+    """Decode speed of every shape at every type, all on this host in one run: speed depends on the
+    shapes, not on the weights' values, so a shape pruned without recovery (on a small calibration)
+    stands for every point of that shape, and depth pruning drops the first N layers."""
+    from transact_edge.exporters.gguf import GGUFExportOptions, export
+    from transact_edge.plan import WidthRequest
+    from transact_edge.prune import PruneOptions, prune
+
+    work = Path(tempfile.mkdtemp(prefix="frontier-speed-"))
+    rows = []
+    for shape, spec in SHAPES.items():
+        source, layers = a.model, list(range(spec["drop_layers"])) if spec.get("drop_layers") else None
+        if spec.get("widths"):
+            source = str(work / shape)
+            prune(PruneOptions(model=a.model, out=Path(source), widths=WidthRequest(**WIDTHS[shape]), train_tokens=0,
+                               calib_samples=4, seq_len=128, batch_size=4, seed=0))
+        f16 = export(GGUFExportOptions(source, "f16", work / f"{shape}-f16.gguf"))
+        for outtype in a.types:
+            gguf = quantize(f16, outtype, layers) if outtype != "f16" or layers else f16
+            rows.append({"shape": shape, "type": outtype, "bytes": gguf.stat().st_size,
+                         "tg64_tok_s": decode_speed(gguf, a)})
+            print(json.dumps(rows[-1]), flush=True)
+    SPEED.write_text(json.dumps({"machine": machine(), "threads": a.threads, "rows": rows}, indent=1))
+
+
+def pareto(rows: list[dict], key: str, size: str = "bytes", smaller: bool = True) -> set[int]:
+    """Indices of rows no other row beats in both `size` (smaller, or larger: a speed) and perplexity."""
+    sign = 1 if smaller else -1
     return {i for i, r in enumerate(rows)
-            if not any(o["bytes"] <= r["bytes"] and o[key] <= r[key] and (o["bytes"], o[key]) != (r["bytes"], r[key])
+            if not any(sign * o[size] <= sign * r[size] and o[key] <= r[key] and (o[size], o[key]) != (r[size], r[key])
                        for o in rows)}
 
 
@@ -280,14 +318,19 @@ def _host(r: dict) -> str:
     return f"{cores}-core {'GPU host' if cores > 2 else 'VM'}"
 
 
-def table(rows: list[dict], keys: list[str], fronts: dict[str, set[int]], picked) -> list[str]:
-    lines = ["| point | type | MiB | " + " | ".join(f"ppl {k[4:]}" for k in keys) + " | decode tok/s (host) | "
+def _decode(r: dict) -> str:
+    if "speed" in r:
+        return f"{r['speed']:.0f}"
+    return f"{r['tg64_tok_s']:.0f} ({_host(r)})" if "caveat_speed" not in r else "- (machine busy)"
+
+
+def table(rows: list[dict], keys: list[str], fronts: dict[str, set[int]], picked, where: str) -> list[str]:
+    lines = ["| point | type | MiB | " + " | ".join(f"ppl {k[4:]}" for k in keys) + f" | decode tok/s ({where}) | "
              "on the front |", "|---|---|---:|" + "---:|" * len(keys) + "---:|---|"]
     for i, r in sorted(enumerate(rows), key=lambda x: x[1]["bytes"]):
         if picked(i, r):
             lines.append(f"| {r['point']}{' *' if r.get('caveat') else ''} | {r['type']} | {r['bytes'] / 2**20:.1f} | "
-                         + " | ".join(f"{r[k]:.1f}" for k in keys)
-                         + (f" | {r['tg64_tok_s']:.0f} ({_host(r)}) |" if "caveat_speed" not in r else " | - (machine busy) |")
+                         + " | ".join(f"{r[k]:.1f}" for k in keys) + f" | {_decode(r)} |"
                          + f" {', '.join(k[4:] for k in keys if i in fronts[k]) or '-'} |")
     return lines
 
@@ -297,43 +340,63 @@ def report(a) -> None:
     rows = read_rows(a.results)
     fresh = done_rows(a.results)  # a re-run replaces the row it was made to replace
     rows = [r for r in rows if not (r.get("caveat") and (r["point"], r["type"]) in fresh)]
+    speeds = json.loads(SPEED.read_text()) if SPEED.is_file() else {"rows": []}
+    by_shape = {(s["shape"], s["type"]): s["tg64_tok_s"] for s in speeds["rows"]}
+    for r in rows:
+        if (shape_of(r["point"]), r["type"]) in by_shape:
+            r["speed"] = by_shape[shape_of(r["point"]), r["type"]]
     keys = [k for k in ("ppl_wiki", "ppl_news") if all(k in r for r in rows)]
     fronts = {k: pareto(rows, k) for k in keys}
     date = max(r["machine"]["date"] for r in rows)[:10]
+    where = (f"{speeds['machine']['cores']}-core VM, every shape in one run" if speeds["rows"] else "host")
     head = (f"GGUF bytes vs perplexity scored by llama.cpp (llama-perplexity -c 512, first {rows[0]['chunks']} "
             f"chunks of each text: `wiki` = the shipped held-out pages, `news` = the Lee news corpus, never seen "
             f"in recovery). Measured {date}, `python benchmarks/frontier.py point ...` (pruning and recovery on "
-            "a lent H200; decode speed on the CPU of the host named). A row is on the front when no other row "
-            "is at most its size and perplexity. Decode speeds are only comparable between rows of the same host. "
+            "a lent H200). A row is on the front when no other row is at most its size and perplexity. "
+            + ("Decode speed (llama-bench tg64) from `python benchmarks/frontier.py speed`: each shape measured "
+               f"on one host in one run ({speeds['machine']['date'][:10]}, {speeds['threads']} threads); a value "
+               "with a host in brackets was measured where the point was scored. " if speeds["rows"] else
+               "Decode speeds are only comparable between rows of the same host. ")
             + ("* recovered with its windows in corpus order (the streamed data was not shuffled yet): to be "
                "re-run.\n\n" if any(r.get("caveat") for r in rows) else "\n\n"))
-    full = table(rows, keys, fronts, lambda i, r: True)
+    full = table(rows, keys, fronts, lambda i, r: True, where)
     (RESULTS / "frontier.md").write_text(head + "\n".join(full) + "\n")
     print("\n".join(full))
-    short = table(rows, keys, fronts, lambda i, r: r["type"] in ("q8_0", "q4_0") or any(i in f for f in fronts.values()))
+    short = table(rows, keys, fronts, lambda i, r: r["type"] in ("q8_0", "q4_0") or any(i in f for f in fronts.values()),
+                  where)
     summary = Path(__file__).resolve().parents[1] / "transact_edge" / "data" / "frontier.md"
     summary.write_text(head + "\n".join(short) + "\n")
+    plot(rows, keys, fronts)
+
+
+def plot(rows: list[dict], keys: list[str], fronts: dict[str, set[int]]) -> None:
+    """Bytes vs perplexity per text and, where the speed table covers the rows, decode speed vs perplexity."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.5), squeeze=False)
-    for ax, k in zip(axes[0], keys):
-        for point in sorted({r["point"] for r in rows}):
-            pts = sorted((r["bytes"] / 2**20, r[k]) for r in rows if r["point"] == point)
-            ax.plot(*zip(*pts), "o-", ms=4, lw=0.8, label=point)
-        front = sorted((rows[i]["bytes"] / 2**20, rows[i][k]) for i in fronts[k])
-        ax.plot(*zip(*front), "k--", lw=1.5, label="Pareto front")
-        ax.set(xlabel="GGUF MiB", ylabel=f"llama.cpp perplexity ({k[4:]})", yscale="log", title=k[4:])
-        ax.legend(fontsize=7)
+    timed = [r for r in rows if "speed" in r]
+    panels = [(k, "bytes", rows, fronts[k]) for k in keys] + [(k, "speed", timed, pareto(timed, k, "speed", False))
+                                                              for k in keys if timed]
+    fig, axes = plt.subplots(len(panels) // len(keys), len(keys), figsize=(6 * len(keys), 4.5 * len(panels) // len(keys)),
+                             squeeze=False)
+    for ax, (k, x, subset, front) in zip(axes.flat, panels):
+        scale = 2**20 if x == "bytes" else 1
+        for point in sorted({r["point"] for r in subset}):
+            pts = sorted((r[x] / scale, r[k]) for r in subset if r["point"] == point)
+            ax.plot(*zip(*pts), "o-" if x == "bytes" else "o", ms=4, lw=0.8, label=point)
+        line = sorted((subset[i][x] / scale, subset[i][k]) for i in front)
+        ax.plot(*zip(*line), "k--", lw=1.5, label="Pareto front")
+        ax.set(xlabel="GGUF MiB" if x == "bytes" else "decode tok/s (llama-bench tg64)",
+               ylabel=f"llama.cpp perplexity ({k[4:]})", yscale="log", title=k[4:])
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(RESULTS / "frontier.png", dpi=120)
 
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["point", "throughput", "report"])
+    p.add_argument("what", choices=["point", "throughput", "speed", "report"])
     p.add_argument("points", nargs="*", help=f"point names: {', '.join(POINTS)}")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--train-data", help="recovery text (default: the shipped pages)")
@@ -361,6 +424,8 @@ def main() -> None:
         return throughput(a)
     if a.what == "report":
         return report(a)
+    if a.what == "speed":
+        return speed(a)
     for name in a.points:
         if name not in POINTS:
             raise SystemExit(f"unknown point {name!r} (choose from {', '.join(POINTS)})")
