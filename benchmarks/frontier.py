@@ -177,7 +177,7 @@ def chat_agreement(model: str, reference: str) -> dict:
     found = chat.agreement(ours.model.to(dev), ref.model.to(dev), ref.tokenizer)
     print(f"{model}: {found.line()}", flush=True)
     return {"agreeing": found.agreeing, "prompts": found.prompts, "n_tokens": found.n_tokens,
-            "answers": found.answers}
+            "mean_prefix": found.mean_prefix, "answers": found.answers}
 
 
 def run_point(name: str, a, types: list[str]) -> None:

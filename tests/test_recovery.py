@@ -210,9 +210,9 @@ def test_chat_agreement_counts_answers_that_start_alike(tokenizer):
 
     model = tiny_model("llama")
     same = agreement(model, copy.deepcopy(model), tokenizer, n_tokens=4)
-    assert same.agreeing == same.prompts == 16 and "16/16" in same.line()
+    assert same.agreeing == same.prompts == 16 and "16/16" in same.line() and same.mean_prefix == 4
     other = agreement(tiny_model("llama", seed=1), model, tokenizer, n_tokens=4)
-    assert other.agreeing < other.prompts and len(other.answers) == 16
+    assert other.agreeing < other.prompts and len(other.answers) == 16 and other.mean_prefix < 4
 
 
 def test_chat_agreement_needs_no_pad_token(tokenizer):

@@ -38,10 +38,12 @@ class Agreement:
     prompts: int
     n_tokens: int
     answers: list[tuple[str, str, str]]   # (prompt, reference answer, model answer)
+    mean_prefix: float = 0.0              # answer tokens before the first difference, on average (0..n_tokens)
 
     def line(self) -> str:
         return (f"chat agreement: {self.agreeing}/{self.prompts} greedy answers start with the reference's "
-                f"first {self.n_tokens} tokens ({100 * self.agreeing / self.prompts:.0f}%)")
+                f"first {self.n_tokens} tokens ({100 * self.agreeing / self.prompts:.0f}%); "
+                f"{self.mean_prefix:.1f} tokens agree before the first difference on average")
 
 
 @torch.inference_mode()
@@ -69,6 +71,7 @@ def greedy_answers(model, tokenizer, prompts=PROMPTS, n_tokens: int = 8) -> torc
 def agreement(model, reference, tokenizer, prompts=PROMPTS, n_tokens: int = 8) -> Agreement:
     ours, theirs = (greedy_answers(m, tokenizer, prompts, n_tokens) for m in (model, reference))
     same = (ours == theirs).all(dim=1)
+    prefix = (ours == theirs).int().cumprod(dim=1).sum(dim=1).float().mean().item()
     answers = [(p, tokenizer.decode(t, skip_special_tokens=True), tokenizer.decode(o, skip_special_tokens=True))
                for p, t, o in zip(prompts, theirs, ours)]
-    return Agreement(int(same.sum()), len(prompts), n_tokens, answers)
+    return Agreement(int(same.sum()), len(prompts), n_tokens, answers, prefix)
