@@ -16,6 +16,7 @@ type does to the weights with gguf-py's quantizers (checked byte-identical to ll
 
     python benchmarks/quant_types.py --chunks 16                         # dense (this CPU)
     python3 benchmarks/quant_types.py --prune tx50-kd --tools /root/tools  # on a lent GPU host
+    python benchmarks/quant_types.py --source RECOVERED_DIR --before UNRECOVERED_DIR
 """
 from __future__ import annotations
 
@@ -140,6 +141,23 @@ def on_grid(w: dict[str, np.ndarray]) -> float:
     return hit / total
 
 
+def by_level(w: dict[str, np.ndarray]) -> dict[str, list[float]]:
+    """For weights on Q4_1 grids: the share of weights on each level q = 0..15, and the RMS error of Q5_0 and
+    Q5_1 at each level in units of the source step d (Q5_1's step is 15 d / 31: its error depends on q)."""
+    count, sq = np.zeros(16), {t: np.zeros(16) for t in ("q5_0", "q5_1")}
+    for x in w.values():
+        blocks = x.reshape(-1, 32)
+        lo, hi = blocks.min(1, keepdims=True), blocks.max(1, keepdims=True)
+        d = np.where(hi > lo, (hi - lo) / 15, 1)
+        level = np.clip(np.round((blocks - lo) / d), 0, 15).astype(int)
+        count += np.bincount(level.ravel(), minlength=16)
+        for t in sq:
+            err = (roundtrip(x, t).reshape(blocks.shape) - blocks) / d
+            sq[t] += np.bincount(level.ravel(), weights=(err ** 2).ravel(), minlength=16)
+    return {"share": list(count / count.sum()), **{t: list(np.sqrt(v / count)) for t, v in sq.items()},
+            **{f"{t}_all": float(np.sqrt(v.sum() / count.sum())) for t, v in sq.items()}}
+
+
 def pruned_pair(name: str, work: Path, model: str) -> tuple[Path, Path]:
     """The frontier point `name` recovered, and the very same cut (its plan replayed) with no recovery."""
     from transact_edge.plan import WidthRequest
@@ -174,13 +192,15 @@ def run(a) -> dict:
     from transact_edge.exporters.gguf import GGUFExportOptions, export
 
     work = Path(tempfile.mkdtemp(prefix="quant-types-"))
-    source, before = (a.source, None) if not a.prune else pruned_pair(a.prune, work, a.source)
+    source, before = pruned_pair(a.prune, work, a.source) if a.prune else (a.source, a.before)
     f16 = export(GGUFExportOptions(str(source), "f16", work / "model-f16.gguf"))
     text = frontier.texts(types.SimpleNamespace(second_text=None))["wiki"]
     w = weights(f16)
     w0 = weights(export(GGUFExportOptions(str(before), "f16", work / "before-f16.gguf"))) if before else None
-    rec: dict = {"source": a.prune or a.source, "chunks": a.chunks, "on_q4_1_grid": on_grid(w),
+    rec: dict = {"source": a.prune or str(a.source), "chunks": a.chunks, "on_q4_1_grid": on_grid(w),
                  "ppl": {"f16": score(f16, text, a)}, "types": {}}
+    if rec["on_q4_1_grid"] > 0.99:
+        rec["error_by_q4_1_level"] = by_level(w)
     if w0 is not None:
         rec["ppl"]["f16_unrecovered"] = score(work / "before-f16.gguf", text, a)
         rec["on_q4_1_grid_unrecovered"] = on_grid(w0)
@@ -203,6 +223,7 @@ def run(a) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--source", default="smollm2-135m", help="checkpoint directory or embedded model")
+    p.add_argument("--before", help="with --source a recovered checkpoint: the same cut unrecovered")
     p.add_argument("--prune", help="a frontier point (e.g. tx50-kd): prune it, and the same cut unrecovered")
     p.add_argument("--tools", help="directory of llama-quantize and llama-perplexity (default: built ones)")
     p.add_argument("--chunks", type=int, default=16)
