@@ -6,10 +6,10 @@ type with llama.cpp (llama-quantize from our F16 export, then llama-perplexity),
 type does to the weights with gguf-py's quantizers (checked byte-identical to llama-quantize's files):
 
 - `rel_err`: ||deq(Q(W)) − W|| / ||W|| over the blocks' 2-D weights;
-- with `--prune` (a recovered point and the same cut unrecovered, W0): `kept` = the share of the
+- with `--prune` or `--before` (a recovered point and the same cut unrecovered, W0): `kept` = the share of the
   recovery update W − W0 the quantized model keeps, <deq Q(W) − deq Q(W0), W − W0> / ||W − W0||²
   (1: all of it; 0: quantizing rounded it away), per tensor class;
-- with `--prune`, `revert_only` / `q4_1_without_revert`: Q4_1's weight error split in two (`revert_split`)
+- with either, `revert_only` / `q4_1_without_revert`: Q4_1's weight error split in two (`revert_split`)
   and each part scored alone;
 - `q4_1_via_f16`: the Q4_1 file dequantized back to F16 by llama-quantize and scored with F16 kernels, to
   tell a weight effect from one of the q4_1 × q8_1 dot product.
@@ -188,10 +188,9 @@ def isolate(f16: Path, text: Path, a) -> dict[str, float]:
     return out
 
 
-def run(a) -> dict:
+def run(a, work: Path) -> dict:
     from transact_edge.exporters.gguf import GGUFExportOptions, export
 
-    work = Path(tempfile.mkdtemp(prefix="quant-types-"))
     source, before = pruned_pair(a.prune, work, a.source) if a.prune else (a.source, a.before)
     f16 = export(GGUFExportOptions(str(source), "f16", work / "model-f16.gguf"))
     text = frontier.texts(types.SimpleNamespace(second_text=None))["wiki"]
@@ -232,7 +231,8 @@ def main() -> None:
     p.add_argument("--results", type=Path, default=frontier.RESULTS / "quant_types.jsonl")
     a = p.parse_args()
     frontier.TOOLS_DIR = Path(a.tools) if a.tools else None
-    rec = run(a) | {"machine": machine()}
+    with tempfile.TemporaryDirectory(prefix="quant-types-") as work:
+        rec = run(a, Path(work)) | {"machine": machine()}
     with a.results.open("a") as f:
         f.write(json.dumps(rec) + "\n")
     print(json.dumps(rec["ppl"]))
