@@ -383,6 +383,7 @@ def plot(rows: list[dict], keys: list[str], fronts: dict[str, set[int]]) -> None
                              squeeze=False)
     for ax, (k, x, subset, front) in zip(axes.flat, panels):
         scale = 2**20 if x == "bytes" else 1
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)  # one colour per point (tab10 repeats after ten)
         for point in sorted({r["point"] for r in subset}):
             pts = sorted((r[x] / scale, r[k]) for r in subset if r["point"] == point)
             ax.plot(*zip(*pts), "o-" if x == "bytes" else "o", ms=4, lw=0.8, label=point)
