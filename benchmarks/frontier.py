@@ -231,7 +231,7 @@ def throughput(a) -> None:
             def opts(rounds: int):
                 return generate.GenOptions(tokens=batch * a.gen_len * rounds, new_len=a.gen_len, batch=batch,
                                            cache=cache, compile=cache == "static")
-            warm, _ = generate.generate(model.bfloat16(), ids, eos, opts(1))  # warm-up (and compile, capture)
+            warm, _ = generate.generate(model.bfloat16(), ids, eos, opts(1))  # warm-up (and compile)
             torch.cuda.synchronize(dev) if dev.type == "cuda" else None
             _, stats = generate.generate(model, ids, eos, opts(3))
             reference = first.setdefault(batch, warm)  # the first cache's tokens: do the others sample the same?
