@@ -67,6 +67,7 @@ def test_generation_is_seeded_and_cached(tmp_path, monkeypatch):
                                                                         cache=cache))
         assert np.array_equal(a, other), cache
     assert stats["sampled_tokens"] == 96 and a.size == 8 * (16 + 12 + 1)  # prompt + samples + EOS per sequence
+    assert len(stats["batch_seconds"]) == 2 and sum(stats["batch_seconds"]) <= stats["seconds"] + 0.01
     rows = a.reshape(8, 29)
     assert (rows[:, -1] == 2).all()
     # a row's samples follow its prompt: the first sampled token is a sample of the model after the prompt

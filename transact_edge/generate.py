@@ -164,17 +164,20 @@ def generate(model, calib_ids: torch.Tensor, eos: int, opts: GenOptions) -> tupl
     starts = prompts(calib_ids, n_seq, opts.prompt_len, opts.seed)
     gen = torch.Generator(device=device).manual_seed(opts.seed)
     step = torch.compile(model.forward, mode="reduce-overhead", dynamic=False) if opts.compile else None
-    rows, sampled, t0 = [], 0, time.perf_counter()
+    rows, sampled, laps = [], 0, [time.perf_counter()]
     for chunk in tqdm(starts.split(batch), desc="generating", unit="batch", leave=False):
         new = sample(model, chunk.to(device), opts.new_len, gen, opts.temperature, opts.cache, step)
         eos_col = torch.full((chunk.shape[0], 1), eos, dtype=torch.long)
-        rows.append(torch.cat([chunk, new.cpu(), eos_col], dim=1))
+        rows.append(torch.cat([chunk, new.cpu(), eos_col], dim=1))  # .cpu() waits for the batch: laps are real
         sampled += new.numel()
-    seconds = time.perf_counter() - t0
+        laps.append(time.perf_counter())
+    seconds = laps[-1] - laps[0]
     dtype = np.uint16 if model.config.vocab_size <= 1 << 16 else np.int32
     tokens = torch.cat(rows).reshape(-1).numpy().astype(dtype)
     stats = {"sampled_tokens": sampled, "sequences": n_seq, "seconds": seconds, "new_tokens_per_s": sampled / seconds,
-             "batch": batch, "device": str(device)}
+             "batch": batch, "device": str(device),
+             # each batch's seconds: a slow first one is warm-up, slow later ones the device itself
+             "batch_seconds": [round(b - a, 3) for a, b in zip(laps, laps[1:])]}
     log.info("generated %d tokens in %.1f s: %.0f new tok/s", sampled, seconds, sampled / seconds)
     return tokens, stats
 
