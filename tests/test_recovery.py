@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 from conftest import tiny_model
 from transact_edge import depth, distill, generate, recovery, traindata
-from transact_edge.loading import load
 from transact_edge.plan import WidthRequest
 from transact_edge.prune import PruneOptions, prune
 

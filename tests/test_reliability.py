@@ -298,6 +298,28 @@ def test_kill_9_during_build_llama_install_and_concurrent_builds(stub_builds):
     assert leftovers(target.parent) == []
 
 
+def test_a_killed_builds_orphaned_compiler_finishes_before_the_next_build_sweeps(stub_builds, tmp_path):
+    """kill -9 reaches the build, not its compiler: the orphan writes into the dead build's temporary
+    until it exits (CI once found such a directory left behind). The next build waits for it, then sweeps."""
+    target, env, _, _ = stub_builds
+    events = tmp_path / "cc.log"
+    (tmp_path / "stub" / "cc").write_text(f'#!/bin/sh\necho "start $$" >> {events}\nsleep 3\n'
+                                          f'{shutil.which("cc")} "$@"; rc=$?\necho "done $$" >> {events}\nexit $rc\n')
+    (tmp_path / "stub" / "cc").chmod(0o755)
+    first = start(["build-llama", "--target", "native"], env=env)
+    while not events.is_file():  # the compiler has started, inside the temporary output
+        assert first.poll() is None, first.log.read()
+        time.sleep(0.05)
+    first.kill()
+    first.wait()
+    done = run(["build-llama", "--target", "native"], env=env)
+    assert done.returncode == 0 and "waiting for pid" in done.stderr, done.stderr
+    lines = events.read_text().split()
+    orphan = lines[1]
+    assert lines[:4] == ["start", orphan, "done", orphan], lines  # the second compiler started after the first ended
+    assert leftovers(target.parent) == [] and (target / "membw").is_file()
+
+
 def test_pruning_peaks_below_one_and_a_half_times_the_fp32_weights():
     """In-memory pruning of SmolLM2 without recovery, in a fresh process: peak RSS above the RSS after
     the imports <= 1.5 x the float32 weights (the cut layers' file pages are given back as they go)."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from transact_edge.checkpoint import atomic_dir, atomic_file
-from transact_edge.lock import claim
+from transact_edge.lock import claim, held
 from transact_edge.errors import UserError
 
 TOOLS = ("llama-bench", "llama-completion", "llama-perplexity", "llama-quantize")
@@ -193,6 +193,7 @@ def membw(target: str) -> Path | None:
 def _run(cmd: list[str], what: str) -> None:
     """Run a build step with its output streamed to the terminal; fail with one line."""
     print(f"[build-llama] {what}: {' '.join(cmd[:3])} ...", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, stdout=2, stderr=subprocess.STDOUT)  # fd 2: stdout stays for results
+    # fd 2: stdout stays for results; the lock goes with the child, which may outlive a killed parent
+    proc = subprocess.run(cmd, stdout=2, stderr=subprocess.STDOUT, pass_fds=held())
     if proc.returncode:
         raise UserError(f"build-llama: {what} failed (exit {proc.returncode}); see the output above")

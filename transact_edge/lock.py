@@ -5,6 +5,9 @@ exits at once (or, for shared caches such as build-llama's, waits its turn).
 The lock is the kernel's (flock): it dies with its process, even under kill -9, so it is never stale
 and never guessed from a pid. Whoever holds it knows that any temporary sibling of that output (from
 atomic_dir / atomic_file, or a partial run's own temporaries) was left by a dead run, and sweeps them.
+A child that writes those temporaries (a compiler) gets the lock's descriptor (`held()`): the lock
+then lives until the last of them exits, so a killed run's orphaned child never races the next
+run's sweep.
 """
 from __future__ import annotations
 
@@ -49,6 +52,14 @@ def _acquire(path: Path, final: Path, wait: bool) -> int:
         os.close(fd)  # we locked a file its holder had just removed: take the one there now
 
 
+_HELD: set[int] = set()  # descriptors of the locks this process holds
+
+
+def held() -> tuple[int, ...]:
+    """The held locks' descriptors, for a child's `pass_fds`."""
+    return tuple(_HELD)
+
+
 # atomic_dir / atomic_file names: .NAME.tmp-XXXXXXXX, .NAME.old-XXXXXXXX (and files staged as .NAME.tmp-XXXXXXXX.EXT)
 _TEMPORARY = r"\.{}\.(tmp|old)-[a-z0-9_]{{8}}(\.[a-z0-9]+)?"
 
@@ -74,6 +85,7 @@ def claim(final: Path, wait: bool = False) -> Iterator[None]:
         raise UserError(f"{final.parent}: output's parent directory does not exist")
     path = lock_path(final)
     fd = _acquire(path, final, wait)
+    _HELD.add(fd)
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
@@ -81,4 +93,5 @@ def claim(final: Path, wait: bool = False) -> Iterator[None]:
         yield
     finally:
         path.unlink(missing_ok=True)  # while still holding it: a waiter then sees the inode gone and retries
+        _HELD.discard(fd)
         os.close(fd)
