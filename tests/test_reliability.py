@@ -303,8 +303,10 @@ def test_a_killed_builds_orphaned_compiler_finishes_before_the_next_build_sweeps
     until it exits (CI once found such a directory left behind). The next build waits for it, then sweeps."""
     target, env, _, _ = stub_builds
     events = tmp_path / "cc.log"
-    (tmp_path / "stub" / "cc").write_text(f'#!/bin/sh\necho "start $$" >> {events}\nsleep 3\n'
-                                          f'{shutil.which("cc")} "$@"; rc=$?\necho "done $$" >> {events}\nexit $rc\n')
+    # the first compiler takes 8 s (time for the second build to start and find the lock held), later ones none
+    (tmp_path / "stub" / "cc").write_text(f'#!/bin/sh\n[ -f {events} ] || slow=8\necho "start $$" >> {events}\n'
+                                          f'sleep ${{slow:-0}}\n{shutil.which("cc")} "$@"; rc=$?\n'
+                                          f'echo "done $$" >> {events}\nexit $rc\n')
     (tmp_path / "stub" / "cc").chmod(0o755)
     first = start(["build-llama", "--target", "native"], env=env)
     while not events.is_file():  # the compiler has started, inside the temporary output
