@@ -170,9 +170,11 @@ def test_outputs_get_the_mode_a_plain_write_gives(tmp_path, tiny_llama_dir):
         assert main(["prune", "--model", str(tiny_llama_dir), "--kv-heads", "1", "--calib-samples", "2",
                      "--seq-len", "32", "--out", str(tmp_path / "p")]) == 0
         assert main(["export", str(tmp_path / "p"), "--outtype", "f16", "--outfile", str(tmp_path / "p.gguf")]) == 0
+        assert main(["export", str(tmp_path / "p"), "--format", "onnx", "--outfile", str(tmp_path / "onnx")]) == 0
     finally:
         os.umask(old)
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
-    assert mode(tmp_path / "p") == 0o755 and mode(tmp_path / "p.gguf") == 0o644
+    assert mode(tmp_path / "p") == 0o755 and mode(tmp_path / "p.gguf") == 0o644 and mode(tmp_path / "onnx") == 0o755
     assert {mode(f) for f in (tmp_path / "p").iterdir()} == {0o644}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["p", "p.gguf"]  # no temporary left beside them
+    assert {mode(f) for f in (tmp_path / "onnx").iterdir()} == {0o644} and (tmp_path / "onnx" / "genai_config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx", "p", "p.gguf"]  # no temporary left beside them

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from transact_edge import llamabuild
+from transact_edge.checkpoint import HOLD
 from transact_edge.lock import claim
 
 pytestmark = pytest.mark.reliability
@@ -51,8 +52,8 @@ class Started(subprocess.Popen):
     """A process whose stderr goes to a file (a pipe nobody reads would block it once full)."""
 
     def stderr_text(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
+        with open(f"/proc/self/fd/{self.log.fileno()}") as log:  # its own offset: the child writes at the shared one
+            return log.read()
 
 
 def start(args: list[str], env: dict | None = None, **kw) -> Started:
@@ -96,14 +97,34 @@ def phase(out: Path) -> str:
     return "before any write" if not (parent / f".{out.name}.lock").exists() else "load, calibration, surgery"
 
 
-def kill_at(proc: subprocess.Popen, out: Path, rng: random.Random, horizon: float, during: str | None) -> str:
-    """SIGKILL `proc` at a seeded moment: within `horizon` s of its start, or (`during` a phase) just after
-    that phase shows on disk. Returns the phase it landed in, or 'finished' if it ended first."""
-    t0, when = time.monotonic(), rng.uniform(0.3, 1.0) * horizon
+def held(proc: Started) -> None:
+    """Wait until `proc` has stopped itself inside the publish that $TRANSACT_EDGE_HOLD_PUBLISH names."""
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), f"it ended before the held publish (status {status}): {proc.stderr_text()[-2000:]}"
+
+
+def hold_at(during: str, out: Path) -> str:
+    """The glob of the publish that `during` names: the output itself, or a checkpoint inside the partial run."""
+    return {"writing the output": str(out), "writing a checkpoint": f"{out.parent}/.{out.name}.partial/*"}[during]
+
+
+def kill_at(args: list[str], out: Path, rng: random.Random, horizon: float, during: str | None,
+            env: dict | None = None) -> str:
+    """SIGKILL a run of `args`: at a seeded moment within `horizon` s of its start, or (`during` a write
+    phase) held inside that phase, its temporary written, the rename not yet done. Returns the phase it
+    landed in, or 'finished' if it ended first (only a seeded moment can come too late)."""
+    env = env or os.environ
+    if during:
+        proc = start(args, env=env | {HOLD: hold_at(during, out)})
+        held(proc)
+        landed = phase(out)
+        assert landed == during, landed
+        proc.kill()
+        proc.wait()
+        return landed
+    proc, t0, when = start(args, env=env), time.monotonic(), rng.uniform(0.3, 1.0) * horizon
     while proc.poll() is None:
-        now = phase(out)
-        if now == during or (during is None and time.monotonic() - t0 >= when):
-            time.sleep(rng.uniform(0, 0.02) if during else 0)
+        if time.monotonic() - t0 >= when:
             landed = phase(out)
             proc.kill()
             proc.wait()
@@ -146,7 +167,7 @@ def test_kill_9_during_prune_then_resume_gives_the_uninterrupted_weights(tiny_ll
     for i in range(KILLS):
         out = tmp_path / f"run{i}"
         during = (None, "writing a checkpoint", "writing the output")[i % 3]
-        landed.append(kill_at(start(prune_args(tiny_llama_dir, out)), out, rng, horizon, during))
+        landed.append(kill_at(prune_args(tiny_llama_dir, out), out, rng, horizon, during))
         assert not out.exists() or same_weights(out, ref), landed[-1]  # published only whole
         if not out.exists():
             done = run(prune_args(tiny_llama_dir, out) + ["--resume"])
@@ -170,7 +191,7 @@ def test_kill_9_during_export_leaves_the_old_file_or_none(fmt, tiny_llama_dir, t
         out = tmp_path / f"run{i}" / f"m.{fmt}"
         out.parent.mkdir()
         during = (None, "writing the output")[i % 2]
-        landed.append(kill_at(start(export_args(fmt, tiny_llama_dir, out)), out, rng, horizon, during))
+        landed.append(kill_at(export_args(fmt, tiny_llama_dir, out), out, rng, horizon, during))
         assert not out.exists() or digest(out) == expected, landed[-1]
         done = run(export_args(fmt, tiny_llama_dir, out))
         assert done.returncode == 0, done.stderr
@@ -180,11 +201,11 @@ def test_kill_9_during_export_leaves_the_old_file_or_none(fmt, tiny_llama_dir, t
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_sigterm_and_sigint_clean_up(sig, code, tiny_llama_dir, tmp_path):
+    """The signal reaches the export while it is held inside the write (never a finished process: a race)."""
     out = tmp_path / "m.gguf"
-    proc = start(export_args("gguf", tiny_llama_dir, out))
-    while proc.poll() is None and phase(out) != "writing the output":
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGSTOP)  # held inside the write, so the signal cannot arrive after it (a race)
+    proc = start(export_args("gguf", tiny_llama_dir, out), env=os.environ | {HOLD: str(out)})
+    held(proc)
+    assert phase(out) == "writing the output"
     proc.send_signal(sig)
     proc.send_signal(signal.SIGCONT)
     assert proc.wait() == code, proc.stderr_text()
@@ -194,13 +215,13 @@ def test_sigterm_and_sigint_clean_up(sig, code, tiny_llama_dir, tmp_path):
 def test_second_run_on_one_output_exits_2_at_once(tiny_llama_dir, tmp_path):
     """The first run to start holds the lock and finishes; the second leaves at once, touching nothing."""
     out = tmp_path / "pruned"
-    first = start(prune_args(tiny_llama_dir, out))
-    while first.poll() is None and not (tmp_path / ".pruned.lock").exists():
-        time.sleep(0.002)
+    first = start(prune_args(tiny_llama_dir, out), env=os.environ | {HOLD: str(out)})
+    held(first)  # inside its publish, the lock held: the second run cannot come after it
     t = time.monotonic()
     second = run(prune_args(tiny_llama_dir, out))
     assert second.returncode == 2 and "another run" in one_error(second.stderr)
     assert time.monotonic() - t < 30
+    first.send_signal(signal.SIGCONT)
     assert first.wait() == 0, first.stderr_text()
     assert (out / "transact.json").is_file() and leftovers(tmp_path) == []
     gguf = tmp_path / "m.gguf"
@@ -260,21 +281,54 @@ def test_full_and_read_only_filesystems(tiny_llama_dir, tmp_path):
 @pytest.fixture
 def stub_builds(tmp_path, monkeypatch):
     """build-llama against an empty cache, with `cmake` replaced by a stand-in that 'builds' by copying this
-    machine's already-built tools (a real build takes minutes; what is under test is the install step, the
-    lock and the cache, which run for real, as does the C compiler for membw)."""
-    real = llamabuild.bin_dir("native")
-    if not all((real / t).is_file() for t in llamabuild.TOOLS):
+    machine's already-built tools of the same target, executable as a linker leaves them (a real build takes
+    minutes; what is under test is the install step, the lock and the cache, which run for real, as does
+    the C compiler for membw)."""
+    real = {t: llamabuild.bin_dir(t) for t in ("native", "aarch64-linux-gnu")}
+    if not all((real["native"] / t).is_file() for t in llamabuild.TOOLS):
         pytest.skip("needs `transact-edge build-llama --target native` (README command 1)")
-    sdist = llamabuild.builds_root() / "sdist" / f"llama_cpp_python-{llamabuild.version()}"
+    real_root = llamabuild.builds_root()
+    sdist = real_root / "sdist" / f"llama_cpp_python-{llamabuild.version()}"
     root, stub, log = tmp_path / "builds", tmp_path / "stub", tmp_path / "cmake.log"
     (root / "sdist").mkdir(parents=True), stub.mkdir()
     (root / "sdist" / sdist.name).symlink_to(sdist)
+    # `cmake --build ROOT/llama.cpp-V/TARGET-DIGEST/cmake-build`: the real tools lie at REAL_ROOT/.../bin
     (stub / "cmake").write_text(f'#!/bin/sh\necho "$@" >> {log}\nif [ "$1" = --build ]; then mkdir -p "$2/bin" && '
-                                f'for t in {" ".join(llamabuild.TOOLS)}; do cp {real}/$t "$2/bin/"; done; fi\n')
+                                f'for t in {" ".join(llamabuild.TOOLS)}; do cp "{real_root}${{2#{root}}}/../bin/$t" '
+                                f'"$2/bin/" && chmod 755 "$2/bin/$t" || exit 1; done; fi\n')
     (stub / "cmake").chmod(0o755)
     monkeypatch.setenv("TRANSACT_EDGE_BUILDS", str(root))
     env = os.environ | {"PATH": f"{stub}:{os.environ['PATH']}"}
-    return llamabuild.bin_dir("native"), env, log, real
+    return llamabuild.bin_dir("native"), env, log, real["native"]
+
+
+@pytest.mark.parametrize("target", ["native", "aarch64-linux-gnu"])
+def test_published_tools_are_0755_and_run_through_their_published_paths(target, stub_builds):
+    """A fresh machine's first build: every tool it publishes runs from where it was published (the
+    aarch64 build under qemu-user), with the modes a plain build gives under umask 022."""
+    import stat
+
+    _, env, _, real = stub_builds
+    if not (real.parents[2] / llamabuild.bin_dir(target).relative_to(llamabuild.builds_root())).is_dir():
+        pytest.skip(f"needs `transact-edge build-llama --target {target}` (README command 1)")
+    qemu = shutil.which("qemu-aarch64") or shutil.which("qemu-aarch64-static")
+    assert target == "native" or qemu, "qemu-user is not installed (apt-get install qemu-user)"
+    old = os.umask(0o022)
+    try:
+        done = run(["build-llama", "--target", target], env=env)
+    finally:
+        os.umask(old)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = llamabuild.bin_dir(target)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(out) == 0o755 and {t.name: mode(t) for t in out.iterdir()} == \
+        {t: 0o755 for t in (*llamabuild.TOOLS, "membw")}
+    prefix = [] if target == "native" else [qemu]
+    for tool in llamabuild.TOOLS:
+        ran = subprocess.run([*prefix, str(out / tool), "--help"], capture_output=True, text=True, timeout=120)
+        assert "usage" in (ran.stdout + ran.stderr).lower(), (tool, ran.returncode, ran.stderr[-1000:])
+    ran = subprocess.run([*prefix, str(out / "membw"), "1", "1", "1"], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0 and ran.stdout.strip(), ran.stderr
 
 
 def test_kill_9_during_build_llama_install_and_concurrent_builds(stub_builds):
@@ -284,7 +338,7 @@ def test_kill_9_during_build_llama_install_and_concurrent_builds(stub_builds):
     args = ["build-llama", "--target", "native"]
     rng, landed = random.Random(2), []
     for i in range(KILLS):
-        landed.append(kill_at(start(args + ["--force"] * (i > 0), env=env), target, rng, 1.0, "writing the output"))
+        landed.append(kill_at(args + ["--force"] * (i > 0), target, rng, 1.0, "writing the output", env))
         assert not target.exists() or all((target / t).is_file() for t in (*llamabuild.TOOLS, "membw")), landed[-1]
         assert run(args, env=env).returncode == 0
         assert all(filecmp.cmp(target / t, real / t, shallow=False) for t in llamabuild.TOOLS), landed[-1]
@@ -302,20 +356,26 @@ def test_a_killed_builds_orphaned_compiler_finishes_before_the_next_build_sweeps
     """kill -9 reaches the build, not its compiler: the orphan writes into the dead build's temporary
     until it exits (CI once found such a directory left behind). The next build waits for it, then sweeps."""
     target, env, _, _ = stub_builds
-    events = tmp_path / "cc.log"
-    # the first compiler takes 8 s (time for the second build to start and find the lock held), later ones none
-    (tmp_path / "stub" / "cc").write_text(f'#!/bin/sh\n[ -f {events} ] || slow=8\necho "start $$" >> {events}\n'
-                                          f'sleep ${{slow:-0}}\n{shutil.which("cc")} "$@"; rc=$?\n'
-                                          f'echo "done $$" >> {events}\nexit $rc\n')
+    events, go = tmp_path / "cc.log", tmp_path / "go"
+    # the first compiler waits for `go` (given once the second build says it waits for the lock), later ones not
+    (tmp_path / "stub" / "cc").write_text(f'#!/bin/sh\n[ -f {events} ] || first=1\necho "start $$" >> {events}\n'
+                                          f'while [ -n "$first" ] && [ ! -f {go} ]; do sleep 0.05; done\n'
+                                          f'{shutil.which("cc")} "$@"; rc=$?\necho "done $$" >> {events}\nexit $rc\n')
     (tmp_path / "stub" / "cc").chmod(0o755)
     first = start(["build-llama", "--target", "native"], env=env)
-    while not events.is_file():  # the compiler has started, inside the temporary output
-        assert first.poll() is None, first.log.read()
+    while not events.is_file():  # the compiler has started, inside the temporary output (it waits there)
+        assert first.poll() is None, first.stderr_text()
         time.sleep(0.05)
     first.kill()
     first.wait()
-    done = run(["build-llama", "--target", "native"], env=env)
-    assert done.returncode == 0 and "waiting for pid" in done.stderr, done.stderr
+    second = start(["build-llama", "--target", "native"], env=env)
+    try:
+        while "waiting for pid" not in second.stderr_text():  # the orphan holds the lock until `go`
+            assert second.poll() is None, second.stderr_text()
+            time.sleep(0.05)
+    finally:
+        go.touch()
+    assert second.wait() == 0, second.stderr_text()
     lines = events.read_text().split()
     orphan = lines[1]
     assert lines[:4] == ["start", orphan, "done", orphan], lines  # the second compiler started after the first ended

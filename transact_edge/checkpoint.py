@@ -1,7 +1,7 @@
 """Outputs written atomically, the one way every writer here uses: build a temporary sibling (a
 directory or a file), fsync it, give it the mode a plain mkdir/open would (0755/0644 under the usual
-umask, not mkdtemp's 0700 or mkstemp's 0600, which a server running as another user cannot read),
-then rename it into place. On any error, or an interrupt, the temporary sibling is removed.
+umask, not mkdtemp's 0700 or mkstemp's 0600, which a server running as another user cannot read) while
+keeping the execute bits its writer set (a compiled tool stays 0755), then rename it into place. On any error, or an interrupt, the temporary sibling is removed.
 
 A pruned checkpoint is what `save_pretrained` writes (safetensors, config.json, tokenizer files)
 plus `transact.json`, the record of what was done.
@@ -9,11 +9,13 @@ plus `transact.json`, the record of what was done.
 from __future__ import annotations
 
 import errno
+import fnmatch
 import json
 import os
 import re
 import resource
 import shutil
+import signal
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +25,7 @@ from transact_edge.errors import UserError
 
 REPORT = "transact.json"
 REPORT_FORMAT = "transact-edge/2"  # 2: what is kept as a replayable `plan` (plan.Plan); 1 had `kept`, still read
+HOLD = "TRANSACT_EDGE_HOLD_PUBLISH"  # a glob of final paths: stop (SIGSTOP) with the temporary written, before the rename
 
 
 def check_output(final: Path, force: bool) -> None:
@@ -85,7 +88,8 @@ def atomic_dir(final: Path, force: bool = False) -> Iterator[Path]:
         for f in tmp.rglob("*"):  # writers inside may use mkstemp too (transformers' safetensors does)
             if f.is_file():
                 fsync(f)
-            f.chmod((0o666 if f.is_file() else 0o777) & ~_umask())
+            f.chmod(published_mode(f))
+        hold(final)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if refused_write(e, tmp):
@@ -113,7 +117,8 @@ def atomic_file(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         fsync(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, published_mode(tmp))
+        hold(final)
         os.replace(tmp, final)
         fsync(final.parent)
     except Exception as e:
@@ -122,6 +127,23 @@ def atomic_file(final: Path) -> Iterator[Path]:
         raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def hold(final: Path) -> None:
+    """Stop this process inside the publish when $TRANSACT_EDGE_HOLD_PUBLISH matches `final`, so a test can
+    signal or kill it at that exact moment (waitpid(WUNTRACED) sees it stopped) instead of racing a poll."""
+    pattern = os.environ.get(HOLD)
+    if pattern and fnmatch.fnmatch(str(final), pattern):
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def published_mode(path: Path) -> int:
+    """What a plain mkdir/open gives under the umask, plus the execute bits the writer set: directories
+    0755, data 0644, an executable (a linker's output, a copied tool) 0755."""
+    if path.is_dir():
+        return 0o777 & ~_umask()
+    executable = path.stat().st_mode & 0o111
+    return (0o666 | (0o111 if executable else 0)) & ~_umask()
 
 
 def _umask() -> int:

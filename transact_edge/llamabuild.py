@@ -186,7 +186,6 @@ def membw(target: str) -> Path | None:
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(out) as tmp:
             _compile_membw(target, "cc", tmp)
-        out.chmod(0o755)
     return out
 
 

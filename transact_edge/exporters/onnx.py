@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from transact_edge.arch import family_of
-from transact_edge.checkpoint import atomic_dir, fsync, refused_write, unwritable
+from transact_edge.checkpoint import atomic_dir, fsync, hold, published_mode, refused_write, unwritable
 from transact_edge.lock import claim
 from transact_edge.errors import UserError
 from transact_edge.loading import load, resolve
@@ -172,7 +172,8 @@ def _publish(opts: ONNXExportOptions, out: Path) -> Path:
         _stage(loaded, tmp / out.name, opts.quantize, opts.block_size, opts.int4_algo)
         for f in sorted(tmp.iterdir(), key=lambda f: f.suffix == ".onnx"):  # the graph last
             fsync(f)
-            f.chmod(0o644)
+            f.chmod(published_mode(f))
+            hold(out.parent / f.name)
             os.replace(f, out.parent / f.name)
     except OSError as e:
         if refused_write(e, tmp):
