@@ -151,10 +151,11 @@ def sshd(tmp_path_factory):
     if os.geteuid() == 0:
         os.makedirs("/run/sshd", exist_ok=True)
     proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(d / "sshd_config")], stderr=open(d / "log", "w"))
-    for _ in range(100):
+    for _ in range(600):  # up to a minute: a loaded machine starts it slowly
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 break
+        assert proc.poll() is None, (d / "log").read_text()
         time.sleep(0.1)
     else:
         pytest.fail(f"sshd did not start: {(d / 'log').read_text()}")
