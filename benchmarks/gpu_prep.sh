@@ -23,7 +23,7 @@ half=$(( $(stat -c %s "$model") / 2 ))
 head -c $half "$model" >"$DIR1"/gguf.part.aa
 tail -c +$((half + 1)) "$model" >"$DIR"/gguf.part.ab
 tar xzf "$dl"/llama_cpp_python-0.3.36.tar.gz -C "$dl"
-skip=(docs models media benches tests examples gguf-py conversion tools/ui)
+skip=(docs models media benches tests examples gguf-py conversion tools/ui '.git*')
 skip+=(ggml/src/ggml-{webgpu,et,metal,hexagon,sycl,vulkan,cuda,opencl,cann,musa,hip,zdnn,virtgpu,openvino})
 tar cJf "$DIR"/llama-src.tar.xz -C "$dl"/llama_cpp_python-0.3.36/vendor "${skip[@]/#/--exclude=llama.cpp/}" llama.cpp
 ls -l "$DIR" "$DIR1"
