@@ -165,7 +165,7 @@ def make(name: str, a) -> Path:
             shots=spec.get("shots", 1), schedule=spec.get("schedule", "linear"),
             train_data=spec.get("train_data", a.train_data), gen_tokens=spec.get("gen_tokens", 0), gen_cache=a.gen_cache, val_every=50,
             seed=0, resume=True, force=True, checkpoint_minutes=a.checkpoint_minutes, **CALIB))
-        print(f"{name}: pruned in {time.perf_counter() - t:.0f} s (this slot)", flush=True)
+        print(f"{name}: pruned in {time.perf_counter() - t:.0f} s (this process)", flush=True)
     return out
 
 
