@@ -2,6 +2,7 @@
 baselines a user would reach for instead (the dense model at every type, depth pruning).
 
     python benchmarks/frontier.py point tx50-kd [--second-text lee_background.cor]   # one point, end to end
+    python benchmarks/frontier.py prune tx50-kd tx75-kd   # only the pruned models, while `point` scores the done ones
     python benchmarks/frontier.py throughput --random-weights   # sampling new tok/s; KD vs LM step tok/s (GPU)
     python benchmarks/frontier.py speed             # decode tok/s of every shape x type on this host, one run
     python benchmarks/frontier.py report            # markdown table + plot with the Pareto front
@@ -53,6 +54,9 @@ for w in WIDTHS:
     # the same 16M tokens, three quarters of them sampled from the teacher (12M distinct tokens, not 64 epochs)
     POINTS[f"{w}-kd-gen"] = dict(widths=w, recovery="kd", lr=3e-4, train_tokens=16_000_000, **GENERATED)
     POINTS[f"{w}-kd-gen-50M"] = dict(widths=w, recovery="kd", lr=3e-4, train_tokens=50_000_000, **GENERATED)
+    # data scaling (issue 24): twice the tokens, the samples raised in proportion (each still read ~2.9 times)
+    POINTS[f"{w}-kd-gen-100M"] = dict(widths=w, recovery="kd", lr=3e-4, train_tokens=100_000_000,
+                                      **GENERATED | dict(gen_tokens=24_000_000))
     # iterative (the reference's 8 shots) against the one-shot kd-gen point, at equal tokens, per schedule
     for schedule in ("linear", "final", "equal"):
         POINTS[f"{w}-kd-gen-s8-{schedule}"] = dict(widths=w, recovery="kd", lr=3e-4, train_tokens=16_000_000,
@@ -138,9 +142,14 @@ def shortgpt_layers(n: int, model: str) -> list[int]:
     return depth.choose(depth.block_influence(loaded.model.to(dev), calib, 8), n)
 
 
-def pruned(name: str, a) -> tuple[str, dict]:
-    """The point's pruned model (made now, resumed from its last checkpoint, or found finished under
-    --work) and what its run recorded."""
+def is_pruned(spec: dict) -> bool:
+    """Points made by prune() (not the dense model, not llama-quantize's own layer removal)."""
+    return bool(spec.get("widths") or spec.get("drop_layers") and not spec.get("llama_quantize"))
+
+
+def make(name: str, a) -> Path:
+    """The point's pruned model under --work: made now, resumed from its last checkpoint, or found
+    finished (`prune` makes points on the GPU while another process scores the finished ones)."""
     from transact_edge.plan import WidthRequest
     from transact_edge.prune import PruneOptions, prune
 
@@ -155,8 +164,14 @@ def pruned(name: str, a) -> tuple[str, dict]:
             recovery=spec.get("recovery", "kd"), lr=spec.get("lr", 3e-4), drop_layers=spec.get("drop_layers", 0),
             shots=spec.get("shots", 1), schedule=spec.get("schedule", "linear"),
             train_data=spec.get("train_data", a.train_data), gen_tokens=spec.get("gen_tokens", 0), gen_cache=a.gen_cache, val_every=50,
-            seed=0, resume=True, force=True, checkpoint_minutes=1.0, **CALIB))  # slots end: checkpoint often
-        print(f"{name}: pruned in {time.perf_counter() - t:.0f} s (this slot)", flush=True)
+            seed=0, resume=True, force=True, checkpoint_minutes=a.checkpoint_minutes, **CALIB))
+        print(f"{name}: pruned in {time.perf_counter() - t:.0f} s (this process)", flush=True)
+    return out
+
+
+def pruned(name: str, a) -> tuple[str, dict]:
+    """The point's pruned model and what its run recorded."""
+    out = make(name, a)
     report = json.loads((out / "transact.json").read_text())
     record = {"params": report["pruned"]["params"], "seconds_prune": sum(report["seconds"].values()),
               "recovery": [{k: v for k, v in s["recovery"].items() if k != "loss_curve"}
@@ -186,7 +201,7 @@ def run_point(name: str, a, types: list[str]) -> None:
     spec = POINTS[name]
     record: dict = {"point": name, "spec": spec}
     source = a.model
-    if spec.get("widths") or spec.get("drop_layers") and not spec.get("llama_quantize"):
+    if is_pruned(spec):
         source, made = pruned(name, a)
         record |= made
     f16 = export(GGUFExportOptions(source, "f16", Path(tempfile.mkdtemp(prefix=f"frontier-{name}-")) / f"{name}-f16.gguf"))
@@ -397,7 +412,8 @@ def plot(rows: list[dict], keys: list[str], fronts: dict[str, set[int]]) -> None
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["point", "throughput", "speed", "report"])
+    p.add_argument("what", choices=["point", "prune", "throughput", "speed", "report"],
+                   help="point: prune (or resume) and score; prune: only make the pruned models under --work")
     p.add_argument("points", nargs="*", help=f"point names: {', '.join(POINTS)}")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--train-data", help="recovery text (default: the shipped pages)")
@@ -417,6 +433,8 @@ def main() -> None:
                    help=f"GGUF types to score (default: {','.join(TYPES)})")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "frontier-work",
                    help="where pruned points are kept, so a point cut off by its slot resumes from its checkpoint")
+    p.add_argument("--checkpoint-minutes", type=float, default=1.0,
+                   help="how often a point's recovery checkpoints: often where slots cut it off, rarely where it runs whole")
     p.add_argument("--tools", type=Path, help="directory of llama.cpp's tools (default: transact-edge build-llama's)")
     a = p.parse_args()
     global TOOLS_DIR
@@ -430,6 +448,11 @@ def main() -> None:
     for name in a.points:
         if name not in POINTS:
             raise SystemExit(f"unknown point {name!r} (choose from {', '.join(POINTS)})")
+    for name in a.points:
+        if a.what == "prune":
+            if is_pruned(POINTS[name]):
+                make(name, a)
+            continue
         types = [t for t in a.types if (name, t) not in done_rows(a.results)]
         if not types:
             print(f"{name}: every type asked for is in {a.results}; skipped")
