@@ -292,7 +292,7 @@ def stub_builds(tmp_path, monkeypatch):
     (root / "sdist" / sdist.name).symlink_to(sdist)
     # `cmake --build ROOT/llama.cpp-V/TARGET-DIGEST/cmake-build`: the real tools lie at REAL_ROOT/.../bin
     (stub / "cmake").write_text(f'#!/bin/sh\necho "$@" >> {log}\nif [ "$1" = --build ]; then mkdir -p "$2/bin" && '
-                                f'for t in {" ".join(llamabuild.TOOLS)}; do cp "{real_root}${{2#{root}}}/../bin/$t" '
+                                f'for t in {" ".join(llamabuild.TOOLS)}; do cp "$(dirname "{real_root}${{2#{root}}}")/bin/$t" '
                                 f'"$2/bin/" && chmod 755 "$2/bin/$t" || exit 1; done; fi\n')
     (stub / "cmake").chmod(0o755)
     monkeypatch.setenv("TRANSACT_EDGE_BUILDS", str(root))
