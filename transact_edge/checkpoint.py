@@ -85,11 +85,11 @@ def atomic_dir(final: Path, force: bool = False) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        hold(final)
         for f in tmp.rglob("*"):  # writers inside may use mkstemp too (transformers' safetensors does)
             if f.is_file():
                 fsync(f)
             f.chmod(published_mode(f))
-        hold(final)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if refused_write(e, tmp):
@@ -116,9 +116,9 @@ def atomic_file(final: Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        hold(final)
         fsync(tmp)
         os.chmod(tmp, published_mode(tmp))
-        hold(final)
         os.replace(tmp, final)
         fsync(final.parent)
     except Exception as e:
@@ -131,7 +131,9 @@ def atomic_file(final: Path) -> Iterator[Path]:
 
 def hold(final: Path) -> None:
     """Stop this process inside the publish when $TRANSACT_EDGE_HOLD_PUBLISH matches `final`, so a test can
-    signal or kill it at that exact moment (waitpid(WUNTRACED) sees it stopped) instead of racing a poll."""
+    signal or kill it at that exact moment (waitpid(WUNTRACED) sees it stopped) instead of racing a poll.
+    Called before the fsyncs: CPython runs a signal's handler at the next Python-level call (fsync), so a
+    signal sent while held unwinds the publish; one called just before os.replace would run after it."""
     pattern = os.environ.get(HOLD)
     if pattern and fnmatch.fnmatch(str(final), pattern):
         os.kill(os.getpid(), signal.SIGSTOP)

@@ -171,9 +171,9 @@ def _publish(opts: ONNXExportOptions, out: Path) -> Path:
     try:
         _stage(loaded, tmp / out.name, opts.quantize, opts.block_size, opts.int4_algo)
         for f in sorted(tmp.iterdir(), key=lambda f: f.suffix == ".onnx"):  # the graph last
+            hold(out.parent / f.name)
             fsync(f)
             f.chmod(published_mode(f))
-            hold(out.parent / f.name)
             os.replace(f, out.parent / f.name)
     except OSError as e:
         if refused_write(e, tmp):
