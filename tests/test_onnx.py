@@ -71,7 +71,7 @@ def test_real_pruned_export_parity_and_greedy_text(smollm2, tmp_path, per_layer,
     save(tmp_path / "ckpt", pruned, smollm2.tokenizer)
     rc = main(["export", str(tmp_path / "ckpt"), "--format", "onnx", "--outfile", str(tmp_path / "m.onnx"), "--verify"])
     out = capsys.readouterr().out
-    assert rc == 0 and "32 greedy tokens identical -> PASS" in out, out
+    assert rc == 0 and "32 greedy tokens consistent -> PASS" in out, out
     ppl = perplexity(OrtModel(tmp_path / "m.onnx").logits, corpus.stream(smollm2.tokenizer, "wiki", "eval"), 256, max_tokens=512)
     ref = perplexity(pruned, corpus.stream(smollm2.tokenizer, "wiki", "eval"), 256, max_tokens=512)
     assert abs(ppl.ppl / ref.ppl - 1) < 1e-4
@@ -168,5 +168,5 @@ def test_int4_matmulnbits_runs_in_onnxruntime_and_genai(tmp_path, tokenizer):
     ops = {n.op_type for n in onnx.load(str(graph)).graph.node}
     assert "MatMulNBits" in ops
     result = verify(graph, pruned, tokenizer, "int4", n_tokens=64, n_generate=4)
-    assert result.passed is None and 0 < result.agreement.max_abs_diff < 5, result.line()
+    assert result.passed and "4-bit round-to-nearest" in result.rule, result.line()  # against its own weights
     assert len(_genai_greedy(graph.parent, [1, 2, 3, 4], 4)) == 4

@@ -23,6 +23,15 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _round_to(s: str) -> int | str:
+    if s == "auto":
+        return s
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer or 'auto', got {s!r}") from None
+
+
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="Hugging Face directory, .gguf file, or embedded name (default: smollm2-135m)")
@@ -33,10 +42,16 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     w.add_argument("--attn-ratio", type=float, help="fraction of KV groups to keep, in (0, 1]")
     w.add_argument("--mlp", type=int, help="MLP channels to keep")
     w.add_argument("--mlp-ratio", type=float, help="fraction of MLP channels to keep, in (0, 1]")
-    w.add_argument("--round-to", type=int, default=32, help="MLP widths in multiples of this (256 suits K-quants)")
+    w.add_argument("--round-to", type=_round_to, default=32, help="MLP widths from --mlp-ratio in multiples of this; "
+                   "auto: ratios rounded up so that every cut row (ffn_down, attn_output) is a multiple of 256 where "
+                   "the model allows, as llama.cpp's K-/i-quants need")
     w.add_argument("--per-layer", action="store_true", help="let widths differ per layer (salience allocation)")
     w.add_argument("--plan", metavar="TRANSACT_JSON", help="replay the cut recorded in a transact.json (or its "
-                   "directory) on this model of the same shapes: no calibration (e.g. base model's plan -> instruct)")
+                   "directory) on this model of the same shapes: no calibration unless --reconstruct (e.g. base "
+                   "model's plan -> instruct)")
+    w.add_argument("--reconstruct", action="store_true", help="at each cut, refit the kept columns of o_proj and "
+                   "down_proj by ridge regression so each layer reproduces its output before the cut on the "
+                   "calibration tokens (ridge strength chosen on held-apart windows; not with --stream)")
     w.add_argument("--metric", default="acts", help="what ranks heads and channels: acts (TransAct, default), "
                    "magnitude, taylor or random (baselines)")
     s = p.add_argument_group("schedule")
@@ -51,7 +66,18 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--batch-size", type=int, default=4)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    r = p.add_argument_group("recovery (with --train-tokens > 0)")
+    _add_recovery_args(p.add_argument_group("recovery (with --train-tokens > 0)"))
+    w.add_argument("--drop-layers", type=_positive_int, default=0, help="depth pruning: remove the N layers "
+                   "that change the hidden state least (ShortGPT block influence) before the first shot")
+    p.add_argument("--eval", action="store_true", help="held-out perplexity before and after")
+    p.add_argument("--eval-tokens", type=int, help="cap on held-out tokens scored")
+    p.add_argument("--resume", action="store_true", help="continue after the last finished shot")
+    p.add_argument("--stream", action="store_true", help="one shot, layer by layer from the safetensors files: "
+                   "memory of one layer plus the calibration activations (7B-class models on a 24 GiB machine)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+
+def _add_recovery_args(r: argparse._ArgumentGroup) -> None:
     r.add_argument("--recovery", default="kd", help="kd: distil from the teacher (forward KL on logits, default); "
                    "lm: next-token loss on the training data")
     r.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature of both models (1.0)")
@@ -70,14 +96,6 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    "(0: 20 per shot)")
     r.add_argument("--checkpoint-minutes", type=float, default=5.0,
                    help="save the training state inside a shot at least this often (for --resume)")
-    w.add_argument("--drop-layers", type=_positive_int, default=0, help="depth pruning: remove the N layers "
-                   "that change the hidden state least (ShortGPT block influence) before the first shot")
-    p.add_argument("--eval", action="store_true", help="held-out perplexity before and after")
-    p.add_argument("--eval-tokens", type=int, help="cap on held-out tokens scored")
-    p.add_argument("--resume", action="store_true", help="continue after the last finished shot")
-    p.add_argument("--stream", action="store_true", help="one shot, layer by layer from the safetensors files: "
-                   "memory of one layer plus the calibration activations (7B-class models on a 24 GiB machine)")
-    p.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-ctx", type=int, default=4096,
                    help="GGUF: context for which llama.cpp reports its KV-cache size (0: skip)")
     _add_bench(sub.add_parser("bench", help="llama-bench-style speed, KV-cache and memory of models on a device"))
-    p = sub.add_parser("build-llama", help="build llama.cpp's llama-bench/-completion/-perplexity for a target")
+    p = sub.add_parser("build-llama", help="build llama.cpp's llama-bench/-completion/-perplexity/-quantize/-imatrix "
+                       "for a target")
     p.add_argument("--target", default="native", help="native, aarch64-linux-gnu or android-arm64")
     p.add_argument("--ndk", help="Android NDK (android-arm64); default $ANDROID_NDK")
     p.add_argument("-j", "--jobs", type=_positive_int)
@@ -135,7 +154,13 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="checkpoint directory (pruned or not) or embedded name")
     p.add_argument("--format", default="gguf", help="gguf or onnx")
-    p.add_argument("--outtype", help="GGUF: f32, f16 (default), bf16, q8_0, q5_1, q5_0, q4_1, q4_0, q4_k_m, q5_k_m, q6_k")
+    p.add_argument("--outtype", help="GGUF, in llama-quantize's names (any case): F32, F16 (default), BF16, Q8_0, "
+                   "Q5_1, Q5_0, Q4_1, Q4_0, Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, IQ1_S, IQ1_M, IQ2_XXS/XS/S/M, "
+                   "IQ3_XXS/XS/S/M, IQ4_NL, IQ4_XS (all but the first eight made by the built llama-quantize)")
+    p.add_argument("--imatrix", metavar="FILE|auto", help="GGUF: importance matrix for llama-quantize (llama-imatrix's "
+                   "GGUF or .dat), or auto: one calibration pass of this model over the shipped pages")
+    p.add_argument("--token-embedding-type", metavar="TYPE", help="GGUF: ggml type of token_embd (llama-quantize's option)")
+    p.add_argument("--output-tensor-type", metavar="TYPE", help="GGUF: ggml type of the output head (llama-quantize's option)")
     p.add_argument("--dtype", default="fp32", help="ONNX: fp32 or fp16")
     p.add_argument("--quantize", help="ONNX: int8 (dynamic, onnxruntime) or int4 (weight-only MatMulNBits)")
     p.add_argument("--block-size", type=int, default=32, help="ONNX int4: weights per quantization block (32)")

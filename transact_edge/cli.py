@@ -33,7 +33,8 @@ def _prune_options(a: argparse.Namespace):
         checkpoint_minutes=a.checkpoint_minutes, drop_layers=a.drop_layers, calib=a.calib,
         calib_samples=a.calib_samples, seq_len=a.seq_len, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
         eval=a.eval, eval_tokens=a.eval_tokens, resume=a.resume, force=a.force, device=a.device,
-        sharding=getattr(a, "sharding", "ddp"), plan=a.plan)
+        sharding=getattr(a, "sharding", "ddp"), plan=a.plan,
+        reconstruct=a.reconstruct)
 
 
 def _gpus() -> int:
@@ -147,8 +148,10 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 # --format -> (exporter module, its options from the arguments, the kind its verification checks)
 FORMATS = {
-    "gguf": ("transact_edge.exporters.gguf", lambda m, a: m.GGUFExportOptions(a.path, a.outtype or "f16", a.outfile),
-             lambda a: a.outtype or "f16"),
+    "gguf": ("transact_edge.exporters.gguf",
+             lambda m, a: m.GGUFExportOptions(a.path, a.outtype or "f16", a.outfile, a.imatrix, a.token_embedding_type,
+                                              a.output_tensor_type),
+             lambda a: (a.outtype or "f16").lower()),
     "onnx": ("transact_edge.exporters.onnx",
              lambda m, a: m.ONNXExportOptions(a.path, a.outfile, a.dtype, a.quantize, a.block_size, a.int4_algo),
              lambda a: a.quantize or a.dtype),
@@ -162,6 +165,9 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     if a.format not in FORMATS:
         raise UserError(f"unknown --format {a.format!r}; choose from {', '.join(FORMATS)}")
+    gguf_only = [f for f in ("imatrix", "token_embedding_type", "output_tensor_type") if getattr(a, f)]
+    if a.format != "gguf" and gguf_only:
+        raise UserError(f"--{gguf_only[0].replace('_', '-')} is llama-quantize's: it applies to --format gguf only")
     name, options, kind_of = FORMATS[a.format]
     exporter = importlib.import_module(name)
     out, kind = exporter.export(options(exporter, a)), kind_of(a)

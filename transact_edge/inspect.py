@@ -13,6 +13,8 @@ from transact_edge.shapes import head_dim, kv_bytes_per_token, layer_shapes
 
 
 def _gguf(path: Path) -> dict:
+    import gguf
+
     kv, tensors = read_header(path)  # the header alone: gguf.GGUFReader takes seconds on a large vocabulary
     meta = {k: v for k, v, *_ in kv}
     try:
@@ -20,8 +22,10 @@ def _gguf(path: Path) -> dict:
     except ValueError as e:
         raise UserError(f"{path}: not a model GGUF we read ({e})") from None
     transact = {k: v for k, v in meta.items() if k.startswith("transact.")}
+    types = {name: gguf.GGMLQuantizationType(t).name for name, _, t in tensors}
     return {"path": str(path), "format": "gguf", "architecture": meta["general.architecture"], "shapes": shapes,
-            "head_dim": hd, "params": sum(math.prod(shape) for _, shape, _ in tensors), "transact": transact or None}
+            "head_dim": hd, "params": sum(math.prod(shape) for _, shape, _ in tensors), "transact": transact or None,
+            "tensor_types": types}
 
 
 def _hf(path: Path) -> dict:
@@ -71,6 +75,8 @@ def render(info: dict) -> str:
     for il, s in enumerate(shapes):
         lines.append(f"{il:5d}  {s.n_head:6d}  {s.n_kv_head:9d}  {s.ffn_dim:7d}  "
                      f"{kv_bytes_per_token([s], info['head_dim']):14d}")
+    if info.get("tensor_types"):
+        lines += ["", *_type_table(info["tensor_types"], len(shapes))]
     if info.get("llama_cpp_kv"):
         kv = info["llama_cpp_kv"]
         lines += ["", f"llama.cpp KV cache at n_ctx {kv['n_ctx']} (flash attention on): {kv['mib']:.2f} MiB "
@@ -78,6 +84,20 @@ def render(info: dict) -> str:
     if info.get("transact"):
         lines += ["", "transact: " + json.dumps(info["transact"], default=str)]
     return "\n".join(lines)
+
+
+def _type_table(types: dict[str, str], n_layer: int) -> list[str]:
+    """Each tensor's storage type: one row per layer for its weights, then the other tensors (norms, biases:
+    F32 as llama.cpp keeps them, listed once)."""
+    kinds = sorted({n.split(".")[2] for n in types if n.startswith("blk.") and n.endswith(".weight")
+                    and not n.split(".")[2].endswith("norm")})
+    lines = ["tensor types", "layer  " + "  ".join(f"{k:>11}" for k in kinds)]
+    for il in range(n_layer):
+        lines.append(f"{il:5d}  " + "  ".join(f"{types.get(f'blk.{il}.{k}.weight', '-'):>11}" for k in kinds))
+    shown = {f"blk.{il}.{k}.weight" for il in range(n_layer) for k in kinds}
+    rest = sorted({f"{n if not n.startswith('blk.') else '*.' + '.'.join(n.split('.')[2:])} {t}"
+                   for n, t in types.items() if n not in shown})
+    return lines + ["other tensors: " + ", ".join(rest)]
 
 
 def as_json(info: dict) -> str:

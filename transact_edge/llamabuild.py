@@ -1,4 +1,5 @@
-"""Build llama.cpp's own tools (llama-bench, llama-completion, llama-perplexity) for a target.
+"""Build llama.cpp's own tools (llama-bench, llama-completion, llama-perplexity, llama-quantize, llama-imatrix)
+for a target.
 
 The source is the sdist of the installed llama-cpp-python version, so the binaries run the same
 llama.cpp as the Python runtime. Builds are static, cached under $TRANSACT_EDGE_BUILDS (default
@@ -26,7 +27,7 @@ from transact_edge.checkpoint import atomic_dir, atomic_file
 from transact_edge.lock import claim, held
 from transact_edge.errors import UserError
 
-TOOLS = ("llama-bench", "llama-completion", "llama-perplexity", "llama-quantize")
+TOOLS = ("llama-bench", "llama-completion", "llama-perplexity", "llama-quantize", "llama-imatrix")
 # These VMs advertise AMX but fault on its instructions (SIGILL in ggml's tileloadd); the README
 # builds llama-cpp-python with the same flags, so native tools and the Python runtime match.
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"

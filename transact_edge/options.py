@@ -47,7 +47,8 @@ class PruneOptions:
     checkpoint_minutes: float = 5.0  # recovery state saved at least this often inside a shot
     gen_batch: int = 0               # sequences sampled at once (0: automatic)
     gen_cache: str = "preallocated"  # KV cache of sampling (generate.CACHES; speed only, the same tokens)
-    plan: str | None = None          # a transact.json whose cut to replay (no calibration)
+    plan: str | None = None          # a transact.json whose cut to replay (no calibration unless reconstruct)
+    reconstruct: bool = False        # refit o_proj/down_proj's kept columns at each cut (refit.py)
 
     def fingerprint(self) -> dict:
         """What must match for --resume to continue a run."""
@@ -81,6 +82,12 @@ def validate(opts: PruneOptions) -> None:
         raise UserError(f"--teacher {opts.teacher}: no such model directory or file")
     if opts.val_windows < 0 or opts.val_every < 0 or opts.drop_layers < 0:
         raise UserError("--val-windows, --val-every and --drop-layers must be >= 0")
+    if opts.reconstruct and opts.stream:
+        raise UserError("--reconstruct needs each layer's dense Gram matrices, which --stream's two passes do "
+                        "not keep; drop --stream or --reconstruct")
+    if opts.reconstruct and opts.calib_samples < 2:
+        raise UserError("--reconstruct holds calibration windows apart to choose its ridge strength: "
+                        f"--calib-samples must be at least 2, got {opts.calib_samples}")
     if opts.plan is not None:
         fixed = {"widths": opts.widths != plan.WidthRequest(round_to=opts.widths.round_to), "--per-layer": opts.per_layer,
                  "--shots": opts.shots != 1, "--drop-layers": opts.drop_layers != 0, "--metric": opts.metric != "acts",

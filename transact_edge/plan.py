@@ -11,6 +11,12 @@ and blocks of `round_to` MLP channels. A unit's gain is its share of its layer's
 squared channel scores s_j^2, or of group scores for attention); the units with the largest gains win, so a layer whose activations are spread evenly
 keeps more than one whose energy sits in a few channels. Each layer keeps between half and twice the
 uniform width (never more than it has, never less than one unit).
+
+`--round-to auto` (opt-in) serves llama.cpp's K- and i-quants, whose rows must be multiples of 256
+(else llama-quantize falls back to a wider type per tensor): widths derived from ratios are rounded
+up, never cut further than asked, so that each cut tensor's row (ffn_down's = the MLP width,
+attn_output's = heads x head_dim) is a multiple of 256 where the model has room for it. Explicit
+--heads/--kv-heads/--mlp are kept as given.
 """
 from __future__ import annotations
 
@@ -34,9 +40,11 @@ class WidthRequest:
     mlp: int | None = None
     attn_ratio: float | None = None
     mlp_ratio: float | None = None
-    round_to: int = 32
+    round_to: int | str = 32         # MLP unit, or AUTO: rows of the cut tensors in multiples of QUANT_ROW
 
 
+AUTO = "auto"
+QUANT_ROW = 256  # K-/i-quant super-block (llama-quant.cpp falls back per tensor for other row lengths)
 @dataclass
 class LayerPlan:
     """Kept indices of one layer, in the layer's current numbering, ascending."""
@@ -54,6 +62,11 @@ def _check_ratio(name: str, r: float | None) -> None:
         raise UserError(f"{name} must be in (0, 1], got {r}")
 
 
+def _unit(round_to: int | str) -> int:
+    """The MLP rounding unit of a --round-to value."""
+    return QUANT_ROW if round_to == AUTO else int(round_to)
+
+
 def _round_up(x: int, unit: int, cap: int) -> int:
     return min(cap, max(unit, math.ceil(x / unit) * unit)) if cap >= unit else cap
 
@@ -62,20 +75,36 @@ def check_request(req: WidthRequest) -> None:
     """What can be checked without the model."""
     _check_ratio("--attn-ratio", req.attn_ratio)
     _check_ratio("--mlp-ratio", req.mlp_ratio)
-    if req.round_to <= 0:
-        raise UserError(f"--round-to must be positive, got {req.round_to}")
+    if req.round_to != AUTO and (not isinstance(req.round_to, int) or req.round_to <= 0):
+        raise UserError(f"--round-to must be a positive integer or 'auto', got {req.round_to}")
     if req.heads is not None and req.attn_ratio is not None:
         raise UserError("give --heads/--kv-heads or --attn-ratio, not both")
     if req.mlp is not None and req.mlp_ratio is not None:
         raise UserError("give --mlp or --mlp-ratio, not both")
 
 
-def target(dense: LayerShape, req: WidthRequest) -> LayerShape:
-    """The uniform final widths for a model whose (largest) layer is `dense`."""
+def _auto_kv(dense: LayerShape, ratio: float, hd: int) -> int:
+    """Fewest KV groups >= the ratio asks whose attn_output row is a multiple of QUANT_ROW (else the ratio's)."""
+    group = dense.n_head // dense.n_kv_head
+    least = max(1, math.ceil(ratio * dense.n_kv_head - 1e-9))
+    return next((kv for kv in range(least, dense.n_kv_head + 1) if kv * group * hd % QUANT_ROW == 0), least)
+
+
+def _auto_ffn(dense: int, ratio: float) -> int:
+    """The MLP width rounded up to a multiple of QUANT_ROW, or of 32 where that would exceed the model's."""
+    least = math.ceil(ratio * dense - 1e-9)
+    up = math.ceil(least / QUANT_ROW) * QUANT_ROW
+    return up if up <= dense else _round_up(least, 32, dense)
+
+
+def target(dense: LayerShape, req: WidthRequest, hd: int = 0) -> LayerShape:
+    """The uniform final widths for a model whose (largest) layer is `dense` (head_dim `hd`: --round-to auto)."""
     check_request(req)
     group = dense.n_head // dense.n_kv_head  # query heads per KV group
     kv = req.kv_heads
-    if req.attn_ratio is not None:  # the ratio removes whole KV groups: the KV cache shrinks with it
+    if req.attn_ratio is not None and req.round_to == AUTO and req.heads is None:
+        kv = _auto_kv(dense, req.attn_ratio, hd)
+    elif req.attn_ratio is not None:  # the ratio removes whole KV groups: the KV cache shrinks with it
         kv = max(1, round(req.attn_ratio * dense.n_kv_head))
     if kv is None:
         kv = dense.n_kv_head
@@ -90,12 +119,29 @@ def target(dense: LayerShape, req: WidthRequest) -> LayerShape:
         if not 1 <= req.mlp <= dense.ffn_dim:
             raise UserError(f"--mlp must be between 1 and {dense.ffn_dim}, got {req.mlp}")
         ffn = req.mlp
+    elif req.mlp_ratio is not None and req.round_to == AUTO:
+        ffn = _auto_ffn(dense.ffn_dim, req.mlp_ratio)
     elif req.mlp_ratio is not None:
         ffn = _round_up(round(req.mlp_ratio * dense.ffn_dim), req.round_to, dense.ffn_dim)
     return LayerShape(heads, kv, ffn)
 
 
-def step(cur: LayerShape, tgt: LayerShape, remaining: int, round_to: int) -> LayerShape:
+def row_lengths(shapes: list[LayerShape], hd: int) -> list[dict[str, int]]:
+    """Per layer, the row length of the tensors a cut narrows: what llama-quantize's blocks must divide."""
+    return [{"attn_output": s.n_head * hd, "ffn_down": s.ffn_dim} for s in shapes]
+
+
+def unquantizable_rows(dense: LayerShape, shapes: list[LayerShape], hd: int) -> str | None:
+    """One line naming the cut rows that are not multiples of QUANT_ROW, or None."""
+    odd = sorted({f"{name} {n}" for s in shapes for name, n in row_lengths([s], hd)[0].items()
+                  if n % QUANT_ROW and n != (dense.n_head * hd if name == "attn_output" else dense.ffn_dim)})
+    if not odd:
+        return None
+    return (f"--round-to auto: cut rows of {', '.join(odd)} are not multiples of {QUANT_ROW} (the model has no "
+            f"room to round them up, or the widths were given explicitly); K-/i-quants fall back for them")
+
+
+def step(cur: LayerShape, tgt: LayerShape, remaining: int, round_to: int | str) -> LayerShape:
     """One shot of the reference schedule from `cur` towards `tgt` with `remaining` shots left."""
     def go(c: int, t: int) -> int:
         return c - (c - t) // remaining
@@ -103,7 +149,7 @@ def step(cur: LayerShape, tgt: LayerShape, remaining: int, round_to: int) -> Lay
     group = go(cur.n_head // cur.n_kv_head, tgt.n_head // tgt.n_kv_head)
     ffn = go(cur.ffn_dim, tgt.ffn_dim)
     if remaining > 1:
-        ffn = max(tgt.ffn_dim, _round_up(ffn, round_to, cur.ffn_dim))
+        ffn = max(tgt.ffn_dim, _round_up(ffn, _unit(round_to), cur.ffn_dim))
     return LayerShape(kv * group, kv, ffn)
 
 
@@ -118,9 +164,10 @@ def _allocate(gains: list[torch.Tensor], lo: list[int], hi: list[int], total: in
     return counts
 
 
-def per_layer_widths(scores: Scores, shapes: list[LayerShape], uniform: LayerShape, round_to: int) -> list[LayerShape]:
+def per_layer_widths(scores: Scores, shapes: list[LayerShape], uniform: LayerShape,
+                     round_to: int | str) -> list[LayerShape]:
     """Per-layer widths with the total of `uniform` in every layer, shared out by score."""
-    n_layer = len(shapes)
+    n_layer, round_to = len(shapes), _unit(round_to)
     group = uniform.n_head // uniform.n_kv_head
     att_gain, mlp_gain = [], []
     for g, c in zip(scores.groups, scores.channels):

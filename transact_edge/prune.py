@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from transact_edge import corpus, depth, distributed, heal, lock, plan, recovery, runstate, salience
+from transact_edge import corpus, depth, distributed, heal, lock, plan, recovery, refit, runstate, salience
 from transact_edge.checkpoint import REPORT_FORMAT, atomic_dir, check_output, require_space, save
 from transact_edge.errors import UserError
 from transact_edge.options import PruneOptions, recovery_options, validate
@@ -57,7 +57,11 @@ def check(opts: PruneOptions, processes: int = 1) -> None:
     if config is not None and replay is not None:
         replay.check_source(layer_shapes(config), f"--plan {opts.plan}")
     elif config is not None:
-        plan.target(_widest(layer_shapes(config)), opts.widths)
+        dense, hd = _widest(layer_shapes(config)), head_dim(config)
+        final = plan.target(dense, opts.widths, hd)
+        note = plan.unquantizable_rows(dense, [final], hd) if opts.widths.round_to == plan.AUTO else None
+        if note:  # once, before the run
+            log.warning(note)
         if opts.drop_layers:
             depth.check(opts.drop_layers, config.num_hidden_layers)
     if config is not None:  # float32 weights: the output, and a shot's checkpoint and recovery's beside it
@@ -181,7 +185,7 @@ def _shot(run: _Run, shot: int, calib: torch.Tensor, budget: int, teacher, data,
     else:
         record = {"shot": shot + 1}
         if run.replay is not None:
-            run.model = _replay(run, run.replay, record)
+            run.model = _replay(run, run.replay, record, calib)
         else:
             if shot == 0 and opts.drop_layers:
                 run.model = _drop_layers(run.model, calib, opts, run.kept, record)
@@ -225,8 +229,9 @@ def _finish(run: _Run, seconds: dict) -> dict:
     return report
 
 
-def _replay(run: _Run, replay: plan.Plan, record: dict):
-    """The saved plan's cut, applied to this model of the same shapes: no calibration, no scores."""
+def _replay(run: _Run, replay: plan.Plan, record: dict, calib: torch.Tensor):
+    """The saved plan's cut, applied to this model of the same shapes: no scores, and no calibration
+    unless the cut is refit."""
     t = time.perf_counter()
     model = run.model
     if replay.dropped():
@@ -234,12 +239,26 @@ def _replay(run: _Run, replay: plan.Plan, record: dict):
         run.kept.drop_layers(replay.dropped())
         record["depth"] = {"dropped": replay.dropped(), "replayed": True}
     plans = replay.layer_plans()
+    if run.opts.reconstruct:
+        log.info("--plan with --reconstruct: calibrating on %d windows of %r for the refit", calib.shape[0],
+                 run.opts.calib)
+        _refit(model, plans, calib, run.opts, run.group, record)
     model = cut(model, plans, consume=True)
     run.kept.apply(plans)
     record |= {"replayed": True, "surgery_seconds": time.perf_counter() - t,
                "widths": [p.shape.as_dict() for p in plans]}
     log.info("replayed %s: %s", run.opts.plan, widths_line([p.shape for p in plans]))
     return model
+
+
+def _refit(model, plans: list[plan.LayerPlan], calib: torch.Tensor, opts: PruneOptions,
+           group: distributed.Group | None, record: dict) -> None:
+    """--reconstruct: refit the kept columns of o_proj and down_proj before the cut takes them."""
+    record["refit"] = refit.refit(model, plans, calib, head_dim(model.config), opts.batch_size, group)
+    modules = [m for layer in record["refit"]["layers"] for m in layer.values() if "nothing_cut" not in m]
+    chosen = [m["ridge"] for m in modules]
+    log.info("refit %d of %d cut modules in %.0f s (ridge strengths %s)", sum(r is not None for r in chosen), len(chosen),
+             record["refit"]["seconds"], sorted({r for r in chosen if r is not None}))
 
 
 def _drop_layers(model, calib: torch.Tensor, opts: PruneOptions, kept: plan.Plan, record: dict):
@@ -258,7 +277,7 @@ def _cut(model, calib: torch.Tensor, shot: int, opts: PruneOptions, kept: plan.P
          group: distributed.Group | None):
     """Score the current model and cut it one shot closer to the final widths."""
     shapes = layer_shapes(model.config)
-    final = plan.target(_widest(kept.dense_shapes()), opts.widths)
+    final = plan.target(_widest(kept.dense_shapes()), opts.widths, head_dim(model.config))
     uniform = plan.step(_widest(shapes), final, opts.shots - shot, opts.widths.round_to)
     t = time.perf_counter()
     scores = salience.METRICS[opts.metric](model, calib, shapes, opts.batch_size, opts.seed * 1000 + shot,
@@ -268,11 +287,14 @@ def _cut(model, calib: torch.Tensor, shot: int, opts: PruneOptions, kept: plan.P
     new_shapes = (plan.per_layer_widths(scores, shapes, uniform, opts.widths.round_to) if opts.per_layer
                   else [uniform] * len(shapes))
     plans = plan.select(scores, shapes, new_shapes)
+    if opts.reconstruct:
+        _refit(model, plans, calib, opts, group, record)
     t = time.perf_counter()
     model = cut(model, plans, consume=True)
     record["surgery_seconds"] = time.perf_counter() - t
     kept.apply(plans)
     record["widths"] = [s.as_dict() for s in new_shapes]
+    record["row_lengths"] = plan.row_lengths(new_shapes, head_dim(model.config))  # what quantizer blocks must divide
     record["salience"] = [{"metric": opts.metric, "heads": h.tolist(), "kv_groups": g.tolist(),
                            "mlp_channels": salience.summary(c)}
                           for h, g, c in zip(scores.heads, scores.groups, scores.channels)]
@@ -293,7 +315,7 @@ def _prune_streamed(opts: PruneOptions) -> dict:
     if not path.is_dir():
         raise UserError(f"--stream reads a Hugging Face safetensors directory, not {path}")
     config = read_config(opts.model)
-    plan.target(_widest(layer_shapes(config)), opts.widths)
+    plan.target(_widest(layer_shapes(config)), opts.widths, head_dim(config))
     tok = load_tokenizer(path)
     windows = corpus.windows(corpus.stream(tok, opts.calib, "train"), opts.seq_len, opts.calib_samples)
     return prune_streamed(path, opts.out, opts.widths, windows, opts.batch_size, opts.per_layer)

@@ -168,7 +168,7 @@ def prune_streamed(directory: Path, out: Path, widths: plan.WidthRequest, window
     check_weights(directory, config)  # before any layer is read: the config must describe these weights
     shapes = layer_shapes(config)
     widest = max(shapes, key=lambda s: (s.n_head, s.ffn_dim))
-    uniform = plan.target(widest, widths)
+    uniform = plan.target(widest, widths, head_dim(config))
     stats = collect_streamed(directory, config, windows, batch_size)
     scores = from_stats(stats, shapes)
     new = plan.per_layer_widths(scores, shapes, uniform, widths.round_to) if per_layer else [uniform] * len(shapes)

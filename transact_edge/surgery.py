@@ -35,14 +35,14 @@ def validate(plans: list[LayerPlan], shapes: list[LayerShape]) -> None:
             raise UserError(f"layer {il}: query heads must sit evenly inside the kept KV groups")
 
 
-def _rows(idx: list[int], width: int) -> torch.Tensor:
+def unit_rows(idx: list[int], width: int) -> torch.Tensor:
     """Row indices of whole units (heads) of `width` rows each."""
     base = torch.tensor(idx, dtype=torch.long)[:, None] * width
     return (base + torch.arange(width)).reshape(-1)
 
 
 def cut_layer(sd: dict, prefix: str, p: LayerPlan, hd: int) -> None:
-    heads, kv, ch = _rows(p.heads, hd), _rows(p.kv_heads, hd), torch.tensor(p.channels)
+    heads, kv, ch = unit_rows(p.heads, hd), unit_rows(p.kv_heads, hd), torch.tensor(p.channels)
     # (module, projections, dimension cut, kept indices); biases follow their rows
     cuts = [("self_attn", HEAD_ROWS, 0, heads), ("self_attn", KV_ROWS, 0, kv), ("self_attn", HEAD_COLS, 1, heads),
             ("mlp", MLP_ROWS, 0, ch), ("mlp", MLP_COLS, 1, ch)]

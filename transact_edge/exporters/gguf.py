@@ -3,7 +3,8 @@
 Uniform widths become architecture `llama` (or `qwen2` when unpruned attention allows it) with
 explicit key/value lengths; per-layer widths become `deci`, whose per-layer arrays of head_count,
 head_count_kv and feed_forward_length llama.cpp honours. Tensors are converted and quantized with gguf-py
-(F32, F16, BF16, Q8_0, Q4_0 in Python); K-quants go through llama.cpp's own quantizer. The
+(F32, F16, BF16, Q8_0 ... Q4_0 in Python); K- and i-quants, and any type with an importance matrix or a
+token-embedding/output type, go through llama.cpp's own llama-quantize (quantize.py). The
 tokenizer is copied from the source GGUF when the model came from one, else built from the
 Hugging Face tokenizer with gguf-py's vocab helpers. Rope scaling (llama3, linear, yarn) is written
 as llama.cpp reads it (see ggufrope). The file appears only when complete.
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transact_edge.arch import family_of
 from transact_edge.checkpoint import atomic_file, read_report, require_space
 from transact_edge.errors import UserError
-from transact_edge.exporters import provenance
+from transact_edge.exporters import imatrix, provenance, quantize
 from transact_edge.ggufmap import NORM_ROPE, PER_LAYER_ARCH, read_kv, to_llama_cpp
 from transact_edge.ggufrope import FREQ_FACTOR_ARCHS, ROPE_FREQS, add_keys, rope_freqs, scaling
 from transact_edge.loading import EMBEDDED, check_weights, embedded_gguf, read_config, reading, resolve
@@ -33,7 +33,7 @@ from transact_edge.shapes import LayerShape, config_params, head_dim, is_uniform
 
 log = logging.getLogger(__name__)
 
-# --outtype -> (tensor type of 2-D weights, general.file_type); K-quants are made from an F32 file.
+# --outtype -> (tensor type of 2-D weights, general.file_type) of what gguf-py writes; llama-quantize makes the rest
 PY_OUTTYPES = {
     "f32": ("F32", "ALL_F32"),
     "f16": ("F16", "MOSTLY_F16"),
@@ -44,16 +44,22 @@ PY_OUTTYPES = {
     "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
     "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
 }
-K_OUTTYPES = {"q4_k_m": "MOSTLY_Q4_K_M", "q5_k_m": "MOSTLY_Q5_K_M", "q6_k": "MOSTLY_Q6_K"}
-OUTTYPES = [*PY_OUTTYPES, *K_OUTTYPES]
 FALLBACK = "F16"  # for rows a block type cannot hold
 
 
 @dataclass
 class GGUFExportOptions:
     checkpoint: str                  # directory, or an embedded model name
-    outtype: str = "f16"
+    outtype: str = "f16"             # llama-quantize's type names, any case (quantize.TYPES)
     outfile: Path | None = None      # default: {name}-{outtype}.gguf beside the checkpoint
+    imatrix: str | None = None       # an importance matrix file, or "auto" (computed here: imatrix.py)
+    token_embedding_type: str | None = None   # ggml type names, as llama-quantize has them
+    output_tensor_type: str | None = None
+
+    def quantize_options(self) -> quantize.QuantizeOptions:
+        lower = lambda name: name.lower() if name else None  # noqa: E731
+        return quantize.QuantizeOptions(quantize.canonical(self.outtype), self.imatrix,
+                                        lower(self.token_embedding_type), lower(self.output_tensor_type))
 
 
 def default_outfile(checkpoint: Path, outtype: str) -> Path:
@@ -234,66 +240,57 @@ def _tensor_infos(writer, files: list, config, arch: str, wanted) -> list[tuple]
     return plan
 
 
-def _llama_quantize(src: Path, dst: Path, outtype: str) -> None:
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{K_OUTTYPES[outtype]}")
-    params.nthread = os.cpu_count() or 1
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
-        raise RuntimeError(f"llama.cpp could not quantize {src} to {outtype}")
-    _warn_fallbacks(dst, outtype)
-
-
-def _warn_fallbacks(path: Path, outtype: str) -> None:
-    """Name the weights llama.cpp stored in another type because their rows do not fill 256-blocks."""
-    import gguf
-
-    kquant = {"q4_k_m": ("Q4_K", "Q5_K", "Q6_K"), "q5_k_m": ("Q5_K", "Q6_K"), "q6_k": ("Q6_K",)}[outtype]
-    other: dict[str, list[str]] = {}
-    for t in gguf.GGUFReader(path).tensors:
-        if len(t.shape) > 1 and t.tensor_type.name not in kquant:
-            other.setdefault(t.tensor_type.name, []).append(t.name)
-    for qtype, names in other.items():
-        log.warning("%d tensors stored as %s, not %s (rows not a multiple of 256): %s", len(names), qtype,
-                    outtype, ", ".join(names[:6]) + (" ..." if len(names) > 6 else ""))
-
-
 def export(opts: GGUFExportOptions) -> Path:
     """Write the GGUF atomically (temporary sibling + rename); returns its path."""
     import gguf
 
-    if opts.outtype not in OUTTYPES:
-        raise UserError(f"unknown --outtype {opts.outtype!r}; choose from {', '.join(OUTTYPES)}")
+    q = opts.quantize_options()
     directory = resolve(opts.checkpoint)
     if directory.is_file():
         raise UserError(f"{opts.checkpoint}: already a GGUF file; export takes a checkpoint directory")
     config = read_config(opts.checkpoint)
     check_weights(directory, config)  # the config must describe these weights before it drives anything
     report = read_report(directory)
-    out = Path(opts.outfile) if opts.outfile else default_outfile(Path(opts.checkpoint), opts.outtype)
+    out = Path(opts.outfile) if opts.outfile else default_outfile(Path(opts.checkpoint), q.outtype)
     if not out.parent.is_dir():
         raise UserError(f"{out.parent}: output's parent directory does not exist")
     if any(s.ffn_dim == 0 for s in layer_shapes(config)):  # llama.cpp's deci skips such layers, attention too
         raise UserError("a layer with MLP width 0 cannot be represented in llama.cpp's deci graph")
     scaling(config)  # refused before anything is written
-    qtype = gguf.GGMLQuantizationType[PY_OUTTYPES.get(opts.outtype, ("F32",))[0]]  # K-quants stage an F32 file
+    quantize.check(q, config.hidden_size)
+    if q.imatrix not in (None, "auto"):
+        imatrix.check_file(Path(q.imatrix), config, q.outtype in quantize.NEEDS_IMATRIX)
+    tool = quantize.tool() if q.needs_llama_quantize else None
+    staged = tool is not None  # llama-quantize reads an F32 file staged beside the output
+    qtype = gguf.GGMLQuantizationType["F32" if staged else PY_OUTTYPES[q.outtype][0]]
     block, size = gguf.GGML_QUANT_SIZES[qtype]
-    require_space(out.absolute().parent, int(config_params(config) * size / block) + 2**20, "the GGUF")
+    require_space(out.absolute().parent, (1 + staged) * int(config_params(config) * size / block) + 2**20,
+                  "the GGUF")
 
     with claim(out):  # one writer per output; what a killed export left beside it is swept
         source = _source_gguf(report, opts.checkpoint)
         with atomic_file(out) as tmp:
-            if opts.outtype in K_OUTTYPES:  # llama.cpp's own quantizer, from an F32 file staged beside
-                staged = tmp.parent / f"{tmp.name}.f32"
-                try:
-                    write(directory, config, source, staged, "f32", report)
-                    _llama_quantize(staged, tmp, opts.outtype)
-                finally:
-                    staged.unlink(missing_ok=True)
+            if tool is None:
+                write(directory, config, source, tmp, q.outtype, report)
             else:
-                write(directory, config, source, tmp, opts.outtype, report)
+                _via_llama_quantize(tool, opts.checkpoint, (directory, config, source, report), tmp, q)
     return out
+
+
+def _via_llama_quantize(tool: Path, checkpoint: str, src: tuple, tmp: Path, q: quantize.QuantizeOptions) -> None:
+    """An F32 file staged beside the output (and the `auto` importance matrix), then llama-quantize."""
+    directory, config, source, report = src
+    staged = tmp.parent / f"{tmp.name}.f32"
+    matrix = tmp.parent / f"{tmp.name}.imatrix.gguf" if q.imatrix == "auto" else q.imatrix and Path(q.imatrix)
+    try:
+        write(directory, config, source, staged, "f32", report)
+        if q.imatrix == "auto":
+            imatrix.auto(checkpoint, staged, matrix)
+        quantize.run(tool, staged, tmp, q, matrix)
+    finally:
+        staged.unlink(missing_ok=True)
+        if q.imatrix == "auto":
+            matrix.unlink(missing_ok=True)
 
 
 from transact_edge.exporters.gguf_verify import Verification, verify  # noqa: E402,F401  (the documented entry point)

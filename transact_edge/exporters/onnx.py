@@ -226,43 +226,4 @@ def _int4(fp32: Path, out: Path, block_size: int = 32, algo: str = "hqq") -> Non
 QUANTIZERS = {"int8": _int8, "int4": _int4}
 
 
-@dataclass
-class ONNXVerification:
-    agreement: object            # compare.Agreement on held-out text
-    same_greedy: bool            # n greedy tokens identical to PyTorch's
-    n_generated: int
-    kind: str                    # fp32 | fp16 | int8
-    passed: bool | None          # None: reported only
-
-    def line(self) -> str:
-        verdict = {True: "PASS", False: "FAIL", None: "reported"}[self.passed]
-        rule = "max |Δlogit| <= 1e-3 and identical greedy tokens" if self.kind == "fp32" else "reported only"
-        return (f"verify onnx {self.kind}: {self.agreement.line(('torch', 'onnxruntime'))}; "
-                f"{self.n_generated} greedy tokens {'identical' if self.same_greedy else 'DIFFER'} -> {verdict} ({rule})")
-
-
-def _torch_greedy(model, prompt: torch.Tensor, n: int) -> list[int]:
-    ids, out = prompt[None], []
-    with torch.inference_mode():
-        for _ in range(n):
-            token = int(model(input_ids=ids).logits[0, -1].argmax())
-            out.append(token)
-            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-    return out
-
-
-def verify(path: Path, model, tokenizer, kind: str, n_tokens: int = 256, n_generate: int = 32) -> ONNXVerification:
-    """onnxruntime vs PyTorch: logits on held-out text and greedy continuation of its first 32 tokens."""
-    from transact_edge import corpus
-    from transact_edge.compare import agreement
-    from transact_edge.runtimes import open_runtime
-
-    ids = corpus.stream(tokenizer, corpus.DEFAULT, "eval")[:n_tokens]
-    session = open_runtime("onnxruntime", path, n_ctx=n_tokens)
-    with torch.inference_mode():
-        ref = model(input_ids=ids[None]).logits[0].float()
-    a = agreement(ref, session.logits(ids[None])[0], ids)
-    prompt = ids[:32]
-    same = _torch_greedy(model, prompt, n_generate) == list(session.model.generate(prompt.tolist(), n_generate))
-    passed = (a.max_abs_diff <= 1e-3 and same) if kind == "fp32" else None
-    return ONNXVerification(a, same, n_generate, kind, passed)
+from transact_edge.exporters.onnx_verify import ONNXVerification, verify  # noqa: E402,F401  (the documented entry point)
