@@ -366,8 +366,8 @@ def report(a) -> None:
     where = (f"{speeds['machine']['cores']}-core VM, every shape in one run" if speeds["rows"] else "host")
     head = (f"GGUF bytes vs perplexity scored by llama.cpp (llama-perplexity -c 512, first {rows[0]['chunks']} "
             f"chunks of each text: `wiki` = the shipped held-out pages, `news` = the Lee news corpus, never seen "
-            f"in recovery). Measured {date}, `python benchmarks/frontier.py point ...` (pruning and recovery on "
-            "a lent H200). A row is on the front when no other row is at most its size and perplexity. "
+            f"in recovery). Measured up to {date}, `python benchmarks/frontier.py point ...` (pruning and recovery "
+            "on a lent H200, the 100M-token point on an H100). A row is on the front when no other row is at most its size and perplexity. "
             + ("Decode speed (llama-bench tg64) from `python benchmarks/frontier.py speed`: each shape measured "
                f"on one host in one run ({speeds['machine']['date'][:10]}, {speeds['threads']} threads); a value "
                "with a host in brackets was measured where the point was scored. " if speeds["rows"] else
