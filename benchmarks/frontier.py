@@ -57,6 +57,9 @@ for w in WIDTHS:
     # data scaling (issue 24): twice the tokens, the samples raised in proportion (each still read ~2.9 times)
     POINTS[f"{w}-kd-gen-100M"] = dict(widths=w, recovery="kd", lr=3e-4, train_tokens=100_000_000,
                                       **GENERATED | dict(gen_tokens=24_000_000))
+    # a better start (issue 24): the least-squares refit at the cut, then the same 16M tokens as kd-gen (same seed)
+    POINTS[f"{w}-rc-none"] = dict(widths=w, train_tokens=0, reconstruct=True)
+    POINTS[f"{w}-kd-gen-rc"] = POINTS[f"{w}-kd-gen"] | dict(reconstruct=True)
     # iterative (the reference's 8 shots) against the one-shot kd-gen point, at equal tokens, per schedule
     for schedule in ("linear", "final", "equal"):
         POINTS[f"{w}-kd-gen-s8-{schedule}"] = dict(widths=w, recovery="kd", lr=3e-4, train_tokens=16_000_000,
@@ -164,6 +167,7 @@ def make(name: str, a) -> Path:
             recovery=spec.get("recovery", "kd"), lr=spec.get("lr", 3e-4), drop_layers=spec.get("drop_layers", 0),
             shots=spec.get("shots", 1), schedule=spec.get("schedule", "linear"),
             train_data=spec.get("train_data", a.train_data), gen_tokens=spec.get("gen_tokens", 0), gen_cache=a.gen_cache, val_every=50,
+            reconstruct=spec.get("reconstruct", False),
             seed=0, resume=True, force=True, checkpoint_minutes=a.checkpoint_minutes, **CALIB))
         print(f"{name}: pruned in {time.perf_counter() - t:.0f} s (this process)", flush=True)
     return out
@@ -367,7 +371,7 @@ def report(a) -> None:
     head = (f"GGUF bytes vs perplexity scored by llama.cpp (llama-perplexity -c 512, first {rows[0]['chunks']} "
             f"chunks of each text: `wiki` = the shipped held-out pages, `news` = the Lee news corpus, never seen "
             f"in recovery). Measured up to {date}, `python benchmarks/frontier.py point ...` (pruning and recovery "
-            "on a lent H200, the 100M-token point on an H100). A row is on the front when no other row is at most its size and perplexity. "
+            "on a lent H200; the points scored on 2026-12-07 on an H100). A row is on the front when no other row is at most its size and perplexity. "
             + ("Decode speed (llama-bench tg64) from `python benchmarks/frontier.py speed`: each shape measured "
                f"on one host in one run ({speeds['machine']['date'][:10]}, {speeds['threads']} threads); a value "
                "with a host in brackets was measured where the point was scored. " if speeds["rows"] else
