@@ -100,7 +100,8 @@ def test_batch_too_large_names_the_largest_that_fits(tiny_llama_dir, tmp_path):
                   r"the largest that fits is (\d+): rerun with --batch-size (\d+)", line)
     assert m and m[1] == m[2] and 1 <= int(m[1]) < 32, line
     assert not (tmp_path / "big").exists() and not list(tmp_path.glob(".big*"))
-    r = _run([*args, "--out", str(tmp_path / "fits"), "--batch-size", m[1]], limit=6 << 30)
+    one_step = ["--train-tokens", str(int(m[1]) * 512)]  # that batch runs: one step shows it
+    r = _run([*args, *one_step, "--out", str(tmp_path / "fits"), "--batch-size", m[1]], limit=6 << 30)
     assert r.returncode == 0, r.stderr[-2000:]
 
 
