@@ -133,3 +133,22 @@ def test_consuming_cut_gives_the_same_model():
     got = cut(model, plans, consume=True)
     assert torch.equal(logits(got), expected)
     assert all(p.is_meta for p in model.model.layers.parameters())  # the old layers were released
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_heads_that_do_not_divide_the_hidden_size_survive_a_shot_checkpoint(family, tmp_path, tokenizer):
+    """5 query heads of 16 on a hidden size of 96: the stock config refuses it, so the model is saved as
+    the per-layer variant — at every shot's checkpoint (save_pretrained validates) and at the end."""
+    from transact_edge.checkpoint import save
+    from transact_edge.cli import main
+
+    save(tmp_path / "dense", tiny_model(family, num_attention_heads=6, num_key_value_heads=1), tokenizer)
+    out = tmp_path / "out"
+    assert main(["prune", "--model", str(tmp_path / "dense"), "--heads", "5", "--kv-heads", "1", "--mlp", "64",
+                 "--shots", "2", "--train-tokens", "0", "--calib-samples", "4", "--seq-len", "64",
+                 "--out", str(out)]) == 0
+    import transact_edge.modeling  # noqa: F401  (registers the per-layer classes)
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert [s.n_head for s in layer_shapes(model.config)] == [5] * model.config.num_hidden_layers
+    assert torch.isfinite(logits(model)).all()

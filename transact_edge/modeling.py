@@ -51,13 +51,27 @@ def _validate_architecture(self) -> None:
             raise ValueError(f"layer {il}: n_head {s.n_head} is not a multiple of n_kv_head {s.n_kv_head}")
 
 
+def _validate(self) -> None:
+    """The stock config's validators with ours in place of its architecture check. (The stock
+    `validate` runs the validators of the class it was made for, whatever the subclass defines, and
+    save_pretrained calls it: a shot's checkpoint with 5 heads on a hidden size of 96 failed there.)"""
+    for validator in type(self).__class_validators__:
+        try:
+            validator(self)
+        except (ValueError, TypeError) as e:
+            raise StrictDataclassClassValidationError(validator=validator.__name__, cause=e) from e
+
+
 def _make_classes(family) -> tuple[type, type]:
     base_cfg = getattr(transformers, family.config_class)
     base_model = getattr(transformers, family.model_class)
     name = "TransAct" + family.model_class.removesuffix("ForCausalLM")
+    stock = [v for v in getattr(base_cfg, "__class_validators__", []) if v.__name__ != "validate_architecture"]
     cfg_cls = type(f"{name}Config", (base_cfg,), {
         "model_type": PER_LAYER_PREFIX + family.model_type,
         "validate_architecture": _validate_architecture,
+        "__class_validators__": [*stock, _validate_architecture],
+        "validate": _validate,
         "__doc__": f"{family.config_class} with per-layer head counts and MLP widths.",
     })
     model_cls = type(f"{name}ForCausalLM", (base_model,), {
