@@ -20,8 +20,7 @@ from conftest import TINY, tiny_model
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["uniform", "per_layer"])
-@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
+@pytest.mark.parametrize("kind,outtype", [("uniform", "q8_0"), ("per_layer", "f32"), ("per_layer", "q8_0")])
 def test_real_pruned_export_runs_in_llama_cpp(pruned_dirs, tmp_path, kind, outtype):
     src = pruned_dirs[kind]
     out = export(GGUFExportOptions(str(src), outtype, tmp_path / "m.gguf"))

@@ -8,7 +8,6 @@ from transact_edge.calibration import collect
 from transact_edge.salience import from_stats
 from transact_edge.checkpoint import save
 from transact_edge.cli import main
-from transact_edge.evaluate import perplexity
 from transact_edge.exporters.onnx import ONNXExportOptions, export, verify
 from transact_edge.ortruntime import OrtModel
 from transact_edge.shapes import LayerShape, layer_shapes
@@ -72,9 +71,6 @@ def test_real_pruned_export_parity_and_greedy_text(smollm2, tmp_path, capsys):
     rc = main(["export", str(tmp_path / "ckpt"), "--format", "onnx", "--outfile", str(tmp_path / "m.onnx"), "--verify"])
     out = capsys.readouterr().out
     assert rc == 0 and "32 greedy tokens consistent -> PASS" in out, out
-    ppl = perplexity(OrtModel(tmp_path / "m.onnx").logits, corpus.stream(smollm2.tokenizer, "wiki", "eval"), 256, max_tokens=512)
-    ref = perplexity(pruned, corpus.stream(smollm2.tokenizer, "wiki", "eval"), 256, max_tokens=512)
-    assert abs(ppl.ppl / ref.ppl - 1) < 1e-4
     # onnxruntime-genai runs the same files (genai_config.json and tokenizer beside the graph): same greedy text
     prompt = smollm2.tokenizer("The history of the city begins")["input_ids"]
     with torch.no_grad():

@@ -12,8 +12,7 @@ from transact_edge.calibration import collect
 from transact_edge.salience import from_stats
 from transact_edge.cli import main
 from transact_edge.inspect import describe
-from transact_edge.loading import embedded_gguf, load
-from transact_edge.prune import PruneOptions, prune
+from transact_edge.loading import embedded_gguf
 from transact_edge.shapes import LayerShape, is_uniform, layer_shapes
 from transact_edge.surgery import cut
 
@@ -85,36 +84,6 @@ def test_real_model_per_layer_reload(smollm2, text_ids, tmp_path):
     assert layer_shapes(back.config) == widths
     with torch.no_grad():
         assert torch.equal(back(input_ids=text_ids[2:]).logits, pruned(input_ids=text_ids[2:]).logits)
-
-
-def _opts(out, **kw):
-    return PruneOptions(model="smollm2-135m", out=out, widths=plan.WidthRequest(kv_heads=2, mlp_ratio=0.75),
-                        shots=2, train_tokens=3 * 64 * 2, calib_samples=2, seq_len=64, batch_size=2, **kw)
-
-
-def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch):
-    full = prune(_opts(tmp_path / "full"))
-    from transact_edge import salience
-
-    real_acts, calls = salience.METRICS["acts"], []
-
-    def dies_in_shot_2(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_acts(*a, **k)
-
-    monkeypatch.setitem(salience.METRICS, "acts", dies_in_shot_2)
-    with pytest.raises(KeyboardInterrupt):
-        prune(_opts(tmp_path / "resumed"))
-    assert not (tmp_path / "resumed").exists() and (tmp_path / ".resumed.partial" / "shot-1").is_dir()
-    monkeypatch.setitem(salience.METRICS, "acts", real_acts)
-    resumed = prune(_opts(tmp_path / "resumed", resume=True))
-    assert resumed["plan"] == full["plan"]
-    a, b = load(str(tmp_path / "full")).model, load(str(tmp_path / "resumed")).model
-    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert ka == kb and torch.equal(va, vb), ka
-    assert not (tmp_path / ".resumed.partial").exists()
 
 
 def test_inspect_embedded_gguf_and_eval_protocol(tmp_path, capsys):

@@ -71,8 +71,9 @@ def _scores(family: str, outtype: str, tmp_path, tokenizer, monkeypatch) -> dict
     return results
 
 
-@pytest.mark.parametrize("outtype", ["f16", "q4_k_m"])
-@pytest.mark.parametrize("family", FAMILIES)
+# each family's faults once and each kind of bound once (float rounding; Q4_K/Q6_K rows with Q8_K activations):
+# qwen2's large biases under the quantized bound, the hardest pair (its F16 file passes in the scale test below)
+@pytest.mark.parametrize("family,outtype", [("llama3 rope", "f16"), ("qwen2 biases gqa 4:1", "q4_k_m")])
 def test_correct_files_pass_and_every_fault_fails_by_10x(family, outtype, tmp_path, tokenizer, monkeypatch):
     results = _scores(family, outtype, tmp_path, tokenizer, monkeypatch)
     correct = results.pop(None)
