@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TYPES = {"f16": "F16", "q8_0": "Q8_0", "q5_1": "Q5_1", "q5_0": "Q5_0", "q4_1": "Q4_1", "q4_0": "Q4_0"}
+TYPES = ["f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]  # the default; any llama-quantize type, +imatrix, +emb
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True, rope_theta=1e5,
                max_position_embeddings=8192, eos_token_id=2, torch_dtype="bfloat16")
@@ -123,12 +123,30 @@ def decode_speed(gguf: Path, a) -> float:
     return float(json.loads(out.stdout)[0]["avg_ts"])
 
 
-def quantize(f16: Path, outtype: str, prune_layers: list[int] | None = None) -> Path:
+def quantize(f16: Path, outtype: str, prune_layers: list[int] | None = None, matrix: Path | None = None) -> Path:
+    """llama-quantize's file of `outtype`: any type it makes (`q4_k_m`, `iq4_xs`, ...), `+imatrix` with the
+    point's importance matrix, `+emb` with the embedding (tied: also the output) at the file's own type."""
+    from transact_edge.exporters.quantize import canonical
+
+    base, *mods = outtype.split("+")
     out = f16.with_name(f16.name.replace("-f16.gguf", f"-{outtype}{'-pruned' if prune_layers else ''}.gguf"))
     cmd = [str(tool("llama-quantize"))]
     if prune_layers:
         cmd += ["--prune-layers", ",".join(map(str, prune_layers))]
-    subprocess.run([*cmd, str(f16), str(out), TYPES[outtype]], capture_output=True, check=True)
+    if "imatrix" in mods:
+        cmd += ["--imatrix", str(matrix)]
+    if "emb" in mods:
+        cmd += ["--token-embedding-type", base, "--output-tensor-type", base]
+    subprocess.run([*cmd, str(f16), str(out), canonical(base).upper()], capture_output=True, check=True)
+    return out
+
+
+def importance_matrix(source: str, f16: Path) -> Path:
+    """`export --imatrix auto`'s matrix for the point's model (its calibration pass, once per point)."""
+    from transact_edge.exporters import imatrix
+
+    out = f16.with_name(f16.name.replace("-f16.gguf", "-imatrix.gguf"))
+    imatrix.auto(source, f16, out)
     return out
 
 
@@ -213,8 +231,9 @@ def run_point(name: str, a, types: list[str]) -> None:
     record["pruned_layers"] = layers
     files = texts(a)
     info = machine()
+    matrix = importance_matrix(source, f16) if any("+imatrix" in t for t in types) else None
     for outtype in types:  # each row appended as soon as it is scored: a slot that runs out keeps what it measured
-        gguf = quantize(f16, outtype, layers) if outtype != "f16" or layers else f16
+        gguf = quantize(f16, outtype, layers, matrix) if outtype != "f16" or layers else f16
         row = record | {"type": outtype, "bytes": gguf.stat().st_size, "tg64_tok_s": decode_speed(gguf, a)}
         row |= {f"ppl_{k}": perplexity(gguf, f, a) for k, f in files.items()}
         print(json.dumps({k: row[k] for k in ("point", "type", "bytes", "tg64_tok_s", *[f"ppl_{k}" for k in files])}),
@@ -434,7 +453,8 @@ def main() -> None:
     p.add_argument("--random-weights", action="store_true", help="throughput: SmolLM2's shapes with random weights "
                    "(no model file needed)")
     p.add_argument("--types", type=lambda v: v.split(","), default=list(TYPES),
-                   help=f"GGUF types to score (default: {','.join(TYPES)})")
+                   help=f"GGUF types to score (default: {','.join(TYPES)}; any llama-quantize type, with +imatrix "
+                        "(the point's `--imatrix auto` matrix) and/or +emb (embedding at the file's type), e.g. q4_k_m+imatrix)")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "frontier-work",
                    help="where pruned points are kept, so a point cut off by its slot resumes from its checkpoint")
     p.add_argument("--checkpoint-minutes", type=float, default=1.0,
