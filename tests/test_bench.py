@@ -23,7 +23,6 @@ from transact_edge import llamabuild
 from transact_edge.cli import main
 from transact_edge.exporters.gguf import GGUFExportOptions, export
 
-pytestmark = pytest.mark.xdist_group("bench")  # one worker: its module fixtures once
 SCRATCH = "/tmp/transact-edge.*"   # what the ssh device stages on the (local) board
 
 

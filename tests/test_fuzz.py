@@ -28,7 +28,7 @@ from transact_edge.cli import main
 from transact_edge.errors import UserError
 from transact_edge.ggufmap import read_header
 
-pytestmark = [pytest.mark.reliability, pytest.mark.xdist_group("fuzz")]  # one worker: one campaign
+pytestmark = pytest.mark.reliability
 CASES = os.environ.get("TRANSACT_EDGE_FUZZ_CASES")
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "reliability_fuzz.json"
 

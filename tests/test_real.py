@@ -18,7 +18,7 @@ from transact_edge.surgery import cut
 
 from test_surgery import masked
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("real")]  # one worker: its module fixture once
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
