@@ -109,9 +109,9 @@ def texts(a) -> dict[str, Path]:
     return out
 
 
-def perplexity(gguf: Path, text: Path, a) -> float:
+def perplexity(gguf: Path, text: Path, a, extra: list[str] = ()) -> float:
     cmd = [str(tool("llama-perplexity")), "-m", str(gguf), "-f", str(text), "-c", "512", "-b", "512",
-           "--chunks", str(a.chunks), "-t", str(a.threads)]
+           "--chunks", str(a.chunks), "-t", str(a.threads), *extra]
     out = subprocess.run(cmd, capture_output=True, text=True)
     m = re.search(r"Final estimate: PPL = ([0-9.]+)", out.stdout + out.stderr)
     if not m:
@@ -119,9 +119,9 @@ def perplexity(gguf: Path, text: Path, a) -> float:
     return float(m.group(1))
 
 
-def decode_speed(gguf: Path, a) -> float:
+def decode_speed(gguf: Path, a, extra: list[str] = ()) -> float:
     cmd = [str(tool("llama-bench")), "-m", str(gguf), "-p", "0", "-n", "64", "-r", "2", "-t", str(a.threads),
-           "-o", "json"]
+           "-o", "json", *extra]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(json.loads(out.stdout)[0]["avg_ts"])
 

@@ -178,3 +178,50 @@ def test_outputs_get_the_mode_a_plain_write_gives(tmp_path, tiny_llama_dir):
     assert {mode(f) for f in (tmp_path / "p").iterdir()} == {0o644}
     assert {mode(f) for f in (tmp_path / "onnx").iterdir()} == {0o644} and (tmp_path / "onnx" / "genai_config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx", "p", "p.gguf"]  # no temporary left beside them
+
+
+@pytest.fixture
+def split_model(tmp_path, monkeypatch):
+    """An embedded model split across three installed packages (as qwen2.5-coder-1.5b is across 22)."""
+    from transact_edge import loading
+
+    site = tmp_path / "site"
+    parts = [os.urandom(1000 + n) for n in range(3)]
+    for n, data in enumerate(parts, 1):
+        (site / f"fake_part{n}" / "data").mkdir(parents=True)
+        (site / f"fake_part{n}" / "__init__.py").write_text("")
+        (site / f"fake_part{n}" / "data" / f"part{n:02d}.bin").write_bytes(data)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(loading, "CACHE", tmp_path / "cache")
+    entry = loading.Embedded("fake.gguf", ("fake_part1", "fake_part2", "fake_part3"), "pip install fake-part1..3",
+                             part="data/part{n:02d}.bin", size=sum(map(len, parts)))
+    monkeypatch.setitem(loading.EMBEDDED, "fake-split", entry)
+    return site, b"".join(parts)
+
+
+def test_split_embedded_model_is_joined_once_in_order(split_model):
+    site, whole = split_model
+    path = embedded_gguf("fake-split")
+    assert path.read_bytes() == whole and path.stat().st_mode & 0o777 == 0o644
+    (site / "fake_part2" / "data" / "part02.bin").unlink()  # joined already: the parts are not read again
+    assert embedded_gguf("fake-split") == path
+
+
+@pytest.mark.parametrize("damage", ["missing package", "missing part", "wrong size"])
+def test_split_embedded_model_damaged_is_one_line(damage, split_model, capsys):
+    import shutil
+
+    from transact_edge import loading
+
+    site, _ = split_model
+    if damage == "missing package":
+        shutil.rmtree(site / "fake_part3")
+    elif damage == "missing part":
+        (site / "fake_part2" / "data" / "part02.bin").unlink()
+    else:
+        (site / "fake_part2" / "data" / "part02.bin").write_bytes(b"short")
+    rc, out, err = run(capsys, "inspect", "fake-split")
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("transact-edge: error: fake-split: "), err
+    assert {"missing package": "fake_part3 is not installed (pip install fake-part1..3)",
+            "missing part": "part02.bin is missing", "wrong size": "not 3,003"}[damage] in err
+    assert not loading.CACHE.exists() or not any(loading.CACHE.iterdir())  # nothing half-joined left

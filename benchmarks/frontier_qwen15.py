@@ -1,0 +1,173 @@
+"""The frontier at a size people deploy (issue 23): Qwen2.5-Coder-1.5B-Instruct, whose rows (1536, 8960)
+K-quants and i-quants fit, on this CPU, without recovery training.
+
+    bash benchmarks/qwen15.sh                          # installs the model's 22 packages, then `cost`, `run`
+    python benchmarks/frontier_qwen15.py cost          # what one file costs here: sizes the grid
+    python benchmarks/frontier_qwen15.py run --chunks 4 [--commit] [--only dense]
+    python benchmarks/frontier_qwen15.py speed         # decode tok/s of every file made, one llama-bench run
+    python benchmarks/frontier_qwen15.py report        # frontier-qwen15.md + .png, the fronts marked
+
+The embedded model is a Q4_K_M GGUF (`qwen2.5-coder-1.5b`): every dense row is made by llama-quantize
+from its F16 export, so rows above Q4_K_M re-quantize Q4_K_M weights and cannot beat the source.
+Each row (point x type) is scored by llama-perplexity (-c 512, the first --chunks chunks, flash
+attention on) on the shipped held-out pages and on a code text no calibration sees (modules of
+Python's own standard library), and by llama.cpp's own memory report at a 4,096-token context with
+an F16 and a Q8_0 KV cache (weights + KV + compute buffers). Rows are appended as they are measured
+(benchmarks/results/frontier-qwen15.jsonl); a row already there is skipped, so the run resumes.
+Imatrix: `export --imatrix auto`'s pass (64 x 512 tokens of the shipped pages) on the model scored.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import frontier  # noqa: E402
+from _common import machine  # noqa: E402
+
+MODEL = "qwen2.5-coder-1.5b"
+RESULTS = frontier.RESULTS / "frontier-qwen15.jsonl"
+COST = frontier.RESULTS / "frontier-qwen15-cost.json"
+SPEED = frontier.RESULTS / "frontier-qwen15-speed.json"
+FLASH = ["-fa", "on"]  # one flash-attention setting for every row (llama.cpp's CPU default, `auto`, picks on)
+CODE = ["argparse.py", "difflib.py", "textwrap.py", "fractions.py", "statistics.py", "heapq.py"]
+K_TYPES = ["q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_k_s", "q3_k_m", "q3_k_s", "q2_k", "iq4_xs"]
+DENSE = [t for k in K_TYPES for t in (k, f"{k}+imatrix")] + ["iq3_m+imatrix", "iq3_xxs+imatrix", "iq2_m+imatrix"]
+PRUNED_TYPES = ["q4_k_m+imatrix", "q5_k_m+imatrix", "q6_k+imatrix"]
+# Mild widths, rows multiples of 256 (--round-to auto): query heads inside the 2 KV groups, or one KV group
+WIDTHS = {"tx85": dict(heads=10, kv_heads=2, mlp_ratio=0.85), "tx70": dict(heads=8, kv_heads=2, mlp_ratio=0.70),
+          "kv1": dict(heads=6, kv_heads=1, mlp_ratio=0.85)}
+POINTS = {"dense": DENSE} | {f"{w}{rc}": PRUNED_TYPES for w in WIDTHS for rc in ("", "-rc")} \
+    | {f"depth{n}-llama": ["q4_k_m+imatrix"] for n in (2, 4)}
+CALIB = dict(calib_samples=32, seq_len=1024, batch_size=2)
+
+
+def code_text(work: Path) -> Path:
+    """Source files that ship with this Python (never used for calibration), joined."""
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    out = work / "code_eval.txt"
+    out.write_text("\n\n".join((lib / name).read_text() for name in CODE))
+    return out
+
+
+def memory_at(gguf: Path, kv: str, threads: int, ctx: int = 4096) -> dict:
+    """What llama.cpp reports it allocates for this file at `ctx` tokens (its memory breakdown, MiB)."""
+    cmd = [str(frontier.tool("llama-completion")), "-m", str(gguf), "-c", str(ctx), "-n", "1", "-p", "def",
+           "-no-cnv", "-v", "-t", str(threads), "-ctk", kv, "-ctv", kv, *FLASH]
+    log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    parts = re.findall(r"memory_breakdown_print: \|\s+- (\S+)\s+\|\s+(\d+) =\s+(\d+) \+\s+(\d+) \+\s+(\d+)", log)
+    if not parts:
+        raise RuntimeError(f"llama-completion printed no memory breakdown for {gguf}: {log[-1500:]}")
+    model, context, compute = (sum(int(p[i]) for p in parts) for i in (2, 3, 4))
+    return {"weights_mib": model, "kv_mib": context, "compute_mib": compute, "total_mib": model + context + compute}
+
+
+def source_f16(work: Path, point: str, a) -> tuple[Path, str, list[int] | None]:
+    """The point's F16 GGUF (made once), the model it came from, and the layers llama-quantize drops."""
+    from transact_edge.exporters.gguf import GGUFExportOptions, export
+
+    layers = None
+    source = MODEL
+    if point.startswith("depth"):
+        layers = frontier.shortgpt_layers(int(point[5:].split("-")[0]), MODEL)
+    elif point != "dense":
+        source = str(prune_point(work, point))
+    f16 = work / f"{'dense' if layers else point}-f16.gguf"
+    if not f16.is_file():
+        export(GGUFExportOptions(source, "f16", f16))
+    return f16, source, layers
+
+
+def prune_point(work: Path, point: str) -> Path:
+    from transact_edge.plan import WidthRequest
+    from transact_edge.prune import PruneOptions, prune
+
+    out = work / point
+    if not (out / "transact.json").is_file():
+        name, _, rc = point.partition("-")
+        prune(PruneOptions(model=MODEL, out=out, widths=WidthRequest(**WIDTHS[name], round_to="auto"),
+                           train_tokens=0, reconstruct=rc == "rc", seed=0, resume=True, force=True, **CALIB))
+    return out
+
+
+def run(a) -> None:
+    a.work.mkdir(parents=True, exist_ok=True)
+    texts = {"wiki": frontier.texts(a)["wiki"], "code": code_text(a.work)}
+    done = frontier.done_rows(RESULTS)
+    for point in a.only or POINTS:
+        todo = [t for t in POINTS[point] if (point, t) not in done]
+        if not todo:
+            continue
+        t0 = time.perf_counter()
+        f16, source, layers = source_f16(a.work, point, a)
+        record = {"point": point, "seconds_source": round(time.perf_counter() - t0), "pruned_layers": layers}
+        if point in POINTS and point != "dense" and not layers:
+            report = json.loads((Path(source) / "transact.json").read_text())
+            record |= {"params": report["pruned"]["params"], "row_lengths": report["shots"][-1].get("row_lengths"),
+                       "seconds_prune": report["seconds"]}
+        matrix = f16.with_name(f16.name.replace("-f16.gguf", "-imatrix.gguf"))
+        if any("+imatrix" in t for t in todo) and not matrix.is_file():
+            matrix = frontier.importance_matrix(source, f16)
+        for outtype in todo:
+            t0 = time.perf_counter()
+            gguf = frontier.quantize(f16, outtype, layers, matrix)
+            row = record | {"type": outtype, "bytes": gguf.stat().st_size,
+                            "seconds_quantize": round(time.perf_counter() - t0)}
+            row |= {f"ppl_{k}": frontier.perplexity(gguf, f, a, FLASH) for k, f in texts.items()}
+            row |= {f"mem4k_{kv}": memory_at(gguf, kv, a.threads) for kv in ("f16", "q8_0")}
+            row |= {"file": gguf.name, "chunks": a.chunks, "flash_attn": "on", "machine": machine()}
+            with RESULTS.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps({k: row[k] for k in ("point", "type", "bytes", "ppl_wiki", "ppl_code")}), flush=True)
+            if a.commit:
+                commit(f"frontier-qwen15: {point} {outtype} (wiki {row['ppl_wiki']:.2f}, code {row['ppl_code']:.2f})")
+
+
+def commit(message: str) -> None:
+    """Commit the rows file alone; a busy index (another commit at the same moment) waits for the next row."""
+    for cmd in (["git", "add", str(RESULTS)], ["git", "commit", "-q", "-m", message, "--", str(RESULTS)]):
+        subprocess.run(cmd, cwd=RESULTS.parent, capture_output=True)
+
+
+def cost(a) -> None:
+    """One file end to end on this machine: the numbers the grid's size comes from."""
+    a.work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    f16, _, _ = source_f16(a.work, "dense", a)
+    t_f16 = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    gguf = frontier.quantize(f16, "q4_k_m")
+    t_q = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    frontier.perplexity(gguf, code_text(a.work), a, FLASH)
+    t_ppl = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tg = frontier.decode_speed(gguf, a, FLASH)
+    t_bench = time.perf_counter() - t0
+    found = {"f16_export_s": t_f16, "quantize_q4_k_m_s": t_q, "perplexity_s_per_chunk": t_ppl / a.chunks,
+             "bench_s": t_bench, "tg64_tok_s": tg, "chunks": a.chunks, "machine": machine()}
+    COST.write_text(json.dumps(found, indent=1) + "\n")
+    print(json.dumps(found))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("what", choices=["cost", "run"])
+    p.add_argument("--work", type=Path, default=Path("/tmp/frontier-qwen15"))
+    p.add_argument("--chunks", type=int, default=4, help="llama-perplexity chunks of 512 tokens per text")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only", nargs="*", choices=list(POINTS), help="these points only, in this order")
+    p.add_argument("--commit", action="store_true", help="git-commit the rows file after each row")
+    a = p.parse_args()
+    a.second_text = None
+    {"cost": cost, "run": run}[a.what](a)
+
+
+if __name__ == "__main__":
+    main()
