@@ -156,9 +156,73 @@ def cost(a) -> None:
     print(json.dumps(found))
 
 
+def speed(a) -> None:
+    """Decode tok/s of every scored file, all in one llama-bench run (flash attention on, as scored)."""
+    files = [a.work / r["file"] for r in frontier.read_rows(RESULTS) if (a.work / r["file"]).is_file()]
+    cmd = [str(frontier.tool("llama-bench")), *[x for f in dict.fromkeys(files) for x in ("-m", str(f))], "-p", "0",
+           "-n", "64", "-r", "3", "-t", str(a.threads), "-o", "json", *FLASH]
+    out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    rows = {Path(r["model_filename"]).name: {"tg64_tok_s": r["avg_ts"], "stddev": r["stddev_ts"]} for r in out}
+    SPEED.write_text(json.dumps({"machine": machine(), "threads": a.threads, "files": rows}, indent=1) + "\n")
+    print(json.dumps(rows, indent=1))
+
+
+AXES = {"bytes": ("GGUF MiB", 2**20, True), "mem4k": ("MiB at 4K context, F16 KV (llama.cpp)", 1, True),
+        "mem4k_q8": ("MiB at 4K context, Q8_0 KV (llama.cpp)", 1, True), "speed": ("decode tok/s (tg64)", 1, False)}
+
+
+def report(a) -> None:
+    """frontier-qwen15.md (every row; the fronts each row is on) and frontier-qwen15.png."""
+    rows = frontier.read_rows(RESULTS)
+    speeds = json.loads(SPEED.read_text())["files"] if SPEED.is_file() else {}
+    for r in rows:
+        r["mem4k"], r["mem4k_q8"] = r["mem4k_f16"]["total_mib"], r["mem4k_q8_0"]["total_mib"]
+        if r["file"] in speeds:
+            r["speed"] = speeds[r["file"]]["tg64_tok_s"]
+    axes = [x for x in AXES if all(x in r for r in rows)]
+    fronts = {(x, k): frontier.pareto(rows, k, x, AXES[x][2]) for x in axes for k in ("ppl_wiki", "ppl_code")}
+    lines = [f"Qwen2.5-Coder-1.5B-Instruct on this CPU, no recovery training. llama-perplexity -c 512, first "
+             f"{rows[0]['chunks']} chunks of each text (`wiki` = the shipped held-out pages, `code` = modules of "
+             "Python's standard library), flash attention on for every row; memory as llama.cpp reports it "
+             "(weights + KV + compute) at 4,096 tokens; decode from one llama-bench run over every file. "
+             "Rows above Q4_K_M re-quantize the Q4_K_M source. Fronts: a row no other row beats on that axis "
+             f"and perplexity. `python benchmarks/frontier_qwen15.py run/speed/report`, up to "
+             f"{max(r['machine']['date'] for r in rows)[:16]} UTC.\n",
+             "| point | type | MiB | MiB@4K f16 KV | MiB@4K q8_0 KV | tok/s | ppl wiki | ppl code | on the front |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for i, r in sorted(enumerate(rows), key=lambda x: x[1]["bytes"]):
+        on = [f"{x}/{k[4:]}" for (x, k), f in fronts.items() if i in f]
+        tok = f"{r['speed']:.1f}" if "speed" in r else "-"
+        lines.append(f"| {r['point']} | {r['type']} | {r['bytes'] / 2**20:.0f} | {r['mem4k']} | {r['mem4k_q8']} | {tok} | "
+                     f"{r['ppl_wiki']:.2f} | {r['ppl_code']:.3f} | {', '.join(on) or '-'} |")
+    RESULTS.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(rows, axes, fronts)
+
+
+def plot(rows: list[dict], axes: list[str], fronts: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, grid = plt.subplots(2, len(axes), figsize=(5 * len(axes), 8), squeeze=False)
+    for col, x in enumerate(axes):
+        label, scale, _ = AXES[x]
+        for row, k in enumerate(("ppl_wiki", "ppl_code")):
+            ax = grid[row][col]
+            for point in sorted({r["point"] for r in rows}):
+                ax.plot(*zip(*[(r[x] / scale, r[k]) for r in rows if r["point"] == point]), "o", ms=4, label=point)
+            ax.plot(*zip(*sorted((rows[i][x] / scale, rows[i][k]) for i in fronts[x, k])), "k--", lw=1, label="front")
+            ax.set(xlabel=label, ylabel=f"llama.cpp perplexity ({k[4:]})", yscale="log")
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(RESULTS.with_suffix(".png"), dpi=110)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["cost", "run"])
+    p.add_argument("what", choices=["cost", "run", "speed", "report"])
     p.add_argument("--work", type=Path, default=Path("/tmp/frontier-qwen15"))
     p.add_argument("--chunks", type=int, default=4, help="llama-perplexity chunks of 512 tokens per text")
     p.add_argument("--threads", type=int, default=2)
@@ -166,7 +230,7 @@ def main() -> None:
     p.add_argument("--commit", action="store_true", help="git-commit the rows file after each row")
     a = p.parse_args()
     a.second_text = None
-    {"cost": cost, "run": run}[a.what](a)
+    {"cost": cost, "run": run, "speed": speed, "report": report}[a.what](a)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,11 @@ Both importance matrices come from the first CALIB chunks of 512 tokens of the s
 pages: llama-imatrix reads them as text through the F32 GGUF (llama.cpp's tokenizer and arithmetic);
 ours runs the PyTorch model with hooks (transact_edge/exporters/imatrix.py). Reported: how far each
 entry's mean squared activation differs (relative to the entry's largest, and cosine), then llama.cpp
-perplexity (llama-perplexity, shipped held-out pages, windows of 512) after llama-quantize with no
-imatrix, llama-imatrix's and ours, per type. Goal: ours within 1% of llama-imatrix's perplexity.
+perplexity (llama-perplexity, windows of 512, on the shipped held-out pages and, with --second-text, a
+text of another domain) after llama-quantize with no imatrix, llama-imatrix's and ours, per type.
+Goals: ours within 1% of llama-imatrix's perplexity; an imatrix lowers perplexity on both texts.
 
-    python benchmarks/imatrix.py --types IQ4_XS,Q4_K_M,IQ3_XXS --chunks 32
+    python benchmarks/imatrix.py --types Q4_0,Q4_K_M,IQ4_XS,IQ3_XXS --chunks 32 --second-text lee_background.cor
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ def main() -> None:
     p.add_argument("--calib", type=int, default=64, help="calibration chunks of 512 tokens (both imatrices)")
     p.add_argument("--chunks", type=int, default=32, help="llama-perplexity chunks of 512 tokens")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--second-text", type=Path, help="a second held-out text of another domain (lee_background.cor)")
     a = p.parse_args()
     from transact_edge import corpus
     from transact_edge.exporters import imatrix
@@ -72,7 +74,8 @@ def main() -> None:
     seconds["auto (torch)"] = time.perf_counter() - t
     row = {"machine": machine(), "model": a.model, "calib_chunks": a.calib, "ppl_chunks": a.chunks,
            "seconds": seconds, "agreement": agreement(entries(tmp / "ours.gguf"), entries(tmp / "ref.gguf")),
-           "ppl": {"F32": frontier.perplexity(f32, held, a)}}
+           "ppl": {}}
+    texts = {"wiki": held} | ({"news": a.second_text} if a.second_text else {})
     for qtype in a.types.split(","):
         for name, matrix in (("none", None), ("llama-imatrix", tmp / "ref.gguf"), ("auto", tmp / "ours.gguf")):
             if matrix is None and qtype.lower() in ("iq3_xxs", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq1_s", "iq1_m"):
@@ -80,11 +83,14 @@ def main() -> None:
             out = tmp / f"{qtype}-{name}.gguf"
             subprocess.run([str(frontier.tool("llama-quantize")), *(["--imatrix", str(matrix)] if matrix else []),
                             str(f32), str(out), qtype], check=True, capture_output=True)
-            row["ppl"][f"{qtype} {name}"] = frontier.perplexity(out, held, a)
+            for text, path in texts.items():
+                row["ppl"][f"{qtype} {name} {text}"] = frontier.perplexity(out, path, a)
             out.unlink()
-        ref, ours = row["ppl"][f"{qtype} llama-imatrix"], row["ppl"][f"{qtype} auto"]
-        row.setdefault("auto_vs_llama_imatrix_pct", {})[qtype] = 100 * (ours - ref) / ref
+        for text in texts:
+            ref, ours = row["ppl"][f"{qtype} llama-imatrix {text}"], row["ppl"][f"{qtype} auto {text}"]
+            row.setdefault("auto_vs_llama_imatrix_pct", {})[f"{qtype} {text}"] = 100 * (ours - ref) / ref
         print(qtype, {k: round(v, 3) for k, v in row["ppl"].items() if k.startswith(qtype)}, flush=True)
+    row["ppl"] |= {f"F32 {text}": frontier.perplexity(f32, path, a) for text, path in texts.items()}
     RESULTS.write_text(json.dumps(row, indent=1) + "\n")
     print(json.dumps(row, indent=1))
 

@@ -34,6 +34,11 @@ from transact_edge.lock import claim
 pytestmark = pytest.mark.reliability
 KILLS = int(os.environ.get("TRANSACT_EDGE_KILLS", "2"))
 CLI = [sys.executable, "-m", "transact_edge"]
+# What a shell gives a command: SIGINT at its default, nothing blocked. A disposition of SIG_IGN survives exec and
+# CPython then installs no KeyboardInterrupt handler, so a test process that inherited or set one (an xdist
+# worker after some other test) would make Ctrl-C do nothing in the child: the SIGINT test's one failure.
+AS_FROM_A_SHELL = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                   "signal.pthread_sigmask(signal.SIG_SETMASK, []); os.execv(sys.argv[1], sys.argv[1:])"]
 TEMPORARY = re.compile(r"\..+\.(tmp|old)-[a-z0-9_]{8}(\.[a-z0-9]+)?")
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "reliability_kills.json"
 
@@ -58,7 +63,7 @@ class Started(subprocess.Popen):
 
 def start(args: list[str], env: dict | None = None, **kw) -> Started:
     log = tempfile.TemporaryFile("w+")
-    proc = Started(CLI + args, stdout=subprocess.DEVNULL, stderr=log, text=True,
+    proc = Started(AS_FROM_A_SHELL + CLI + args, stdout=subprocess.DEVNULL, stderr=log, text=True,
                    env=(env or os.environ) | {"HF_HUB_OFFLINE": "1"}, **kw)
     proc.log = log
     return proc
@@ -95,6 +100,13 @@ def phase(out: Path) -> str:
             return "writing a checkpoint"
         return "recovery" if names else "between checkpoints"
     return "before any write" if not (parent / f".{out.name}.lock").exists() else "load, calibration, surgery"
+
+
+def signal_bits(pid: int, field: str | None = None) -> int | dict[str, str]:
+    """A process's signal masks from /proc (SigBlk, SigIgn, SigCgt): one as an int, or all as hex text."""
+    status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+    masks = {k: status[k].strip() for k in ("SigBlk", "SigIgn", "SigCgt")}
+    return int(masks[field], 16) if field else masks
 
 
 def held(proc: Started) -> None:
@@ -206,6 +218,8 @@ def test_sigterm_and_sigint_clean_up(sig, code, tiny_llama_dir, tmp_path):
     proc = start(export_args("gguf", tiny_llama_dir, out), env=os.environ | {HOLD: str(out)})
     held(proc)
     assert phase(out) == "writing the output"
+    assert signal_bits(proc.pid, "SigCgt") & 1 << sig - 1, (f"the child does not catch {sig!r}: "
+                                                            f"{signal_bits(proc.pid)} (this worker: {signal_bits(os.getpid())})")
     proc.send_signal(sig)
     proc.send_signal(signal.SIGCONT)
     assert proc.wait() == code, proc.stderr_text()
