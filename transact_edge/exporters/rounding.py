@@ -11,8 +11,6 @@ large activations (Qwen2's q/k biases) or a deep stack make it larger, and the b
 """
 from __future__ import annotations
 
-import copy
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -85,28 +83,42 @@ class Noise:
         return f"{what} <= {self.bound:.3g} = {NOISE_MULTIPLE:g} x the model's own float noise {self.max_abs:.3g} ({self.how})"
 
 
-def _fits_float64(model: torch.nn.Module) -> bool:
-    """A float64 copy (8 bytes a parameter) plus activations fits in half the memory now available."""
-    need = 8 * sum(p.numel() for p in model.parameters())
+@contextmanager
+def float64_layer_by_layer(model: torch.nn.Module) -> Iterator[None]:
+    """Run `model` in float64 one module at a time: the embedding, each layer, the final norm and the head
+    are widened just before their forward and narrowed right after (float32 -> float64 -> float32 is exact),
+    so the exact reference costs one layer's float64 copy, not the whole model's (a 1.5B model's is 14 GB).
+    Parameters are converted in place (`.data`), so tied weights stay tied."""
+    inner = model.model
+    parts = [inner.embed_tokens, *inner.layers, inner.norm, model.lm_head]
+    dtype = next(model.parameters()).dtype
+
+    def widen(module, args) -> None:
+        module.double()
+
+    def narrow(module, args, out) -> None:
+        module.to(dtype)
+
+    handles = [h for m in parts for h in (m.register_forward_pre_hook(widen), m.register_forward_hook(narrow))]
+    inner.rotary_emb.double()
     try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return False
-    return 2 * need < free
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m in (*parts, inner.rotary_emb):
+            m.to(dtype)
 
 
 def float_noise(model: torch.nn.Module, ids: torch.Tensor, rounding: dict[str, tuple[Rounding | None, str]]) -> Noise:
     """`model` (float32) with each module's activation rounding (module name -> (rounding, name)) on
-    token ids (T,), against the same weights in float64 with none (float32 when float64 cannot fit)."""
+    token ids (T,), against the same weights in float64 (layer by layer) with none."""
     applied = {name: r for name, (r, _) in rounding.items() if r is not None}
     kinds = sorted({label for r, label in rounding.values() if r is not None})
-    wide = _fits_float64(model)
-    exact_model = copy.deepcopy(model).double() if wide else model
     with torch.inference_mode():
-        exact = exact_model(input_ids=ids[None]).logits[0].double()                  # (T, V)
-        del exact_model
+        with float64_layer_by_layer(model):
+            exact = model(input_ids=ids[None]).logits[0].double()                      # (T, V)
         with rounded_inputs(model, applied):
             noisy = model(input_ids=ids[None]).logits[0].double()
-    how = (f"float32 with {'/'.join(kinds) or 'no'} activation rounding vs "
-           f"{'float64' if wide else 'float32 (float64 does not fit)'}, {ids.numel()} tokens")
+    how = f"float32 with {'/'.join(kinds) or 'no'} activation rounding vs float64, {ids.numel()} tokens"
     return Noise(float((noisy - exact).abs().max()), exact, how)
