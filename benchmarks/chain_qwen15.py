@@ -1,5 +1,5 @@
 """The whole chain on Qwen2.5-Coder-1.5B through the CLI, as a user runs it (issues 22 and 23): prune ->
-GGUF at F16, Q8_0, Q4_K_M and IQ4_XS (importance matrix `auto`), each with --verify -> ONNX int4 with
+GGUF at F16, Q8_0, Q4_K_M (importance matrix `auto`) and IQ4_XS, each with --verify -> ONNX int4 with
 --verify -> bench against the dense Q4_K_M. Every step is its own `transact-edge` process; its wall time,
 peak RSS (wait4's ru_maxrss) and exit status are recorded, and the verify lines kept, in
 benchmarks/results/chain_qwen15.json (rewritten after each step; a finished step is skipped on a re-run).
@@ -57,7 +57,7 @@ def main() -> None:
     plan = [("prune", ["prune", "--model", MODEL, *WIDTHS, "--calib-samples", "32", "--seq-len", "1024",
                        "--batch-size", "2", *(["--reconstruct"] if a.refit else []), "--out", str(pruned), "--force"])]
     for outtype in ("f16", "q8_0", "q4_k_m", "iq4_xs"):
-        matrix = ["--imatrix", "auto"] if outtype in ("q4_k_m", "iq4_xs") else []
+        matrix = ["--imatrix", "auto"] if outtype == "q4_k_m" else []  # IQ4_XS runs without one (a second pass: ~20 min)
         plan.append((f"gguf {outtype}", ["export", str(pruned), "--format", "gguf", "--outtype", outtype, *matrix,
                                           "--outfile", str(a.work / f"kv1-{outtype}.gguf"), "--verify"]))
     if a.onnx != "none":

@@ -187,7 +187,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
     opts = _prune_options(a)
     print(f"demo: pruning {opts.model} to {opts.widths.kv_heads} KV heads and MLP x{opts.widths.mlp_ratio} "
-          f"in {opts.shots} shots, {opts.train_tokens} recovery tokens, writing {opts.out}", flush=True)
+          f"in {opts.shots} shots{' with the refit at each cut' if opts.reconstruct else ''}, {opts.train_tokens} "
+          f"recovery tokens, writing {opts.out}", flush=True)
     report = prune(opts)
     print(_summary_table({"dense": report["dense"], "pruned": report["pruned"]}, report))
 
