@@ -261,7 +261,7 @@ def cmd_build_llama(a: argparse.Namespace) -> int:
     from transact_edge import llamabuild
 
     out = llamabuild.build(a.target, a.ndk, a.jobs, a.force)
-    print(f"llama.cpp {llamabuild.version()} ({a.target}): " + ", ".join(str(out / t) for t in (*llamabuild.TOOLS, "membw")))
+    print(f"llama.cpp {llamabuild.version()} ({a.target}): " + ", ".join(str(out / t) for t in llamabuild.published(a.target)))
     return 0
 
 

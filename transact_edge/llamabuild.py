@@ -28,6 +28,7 @@ from transact_edge.lock import claim, held
 from transact_edge.errors import UserError
 
 TOOLS = ("llama-bench", "llama-completion", "llama-perplexity", "llama-quantize", "llama-imatrix")
+DEVICE_TOOLS = ("llama-bench", "llama-completion")  # all `bench` runs on a device (speed, then the greedy check)
 # These VMs advertise AMX but fault on its instructions (SIGILL in ggml's tileloadd); the README
 # builds llama-cpp-python with the same flags, so native tools and the Python runtime match.
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
@@ -45,6 +46,7 @@ class Target:
     membw_flags: str = ""        # for the probe: vectorised loads like ggml's kernels
     needs_ndk: bool = False
     machine: str = ""            # `uname -m` of devices this build runs on
+    tools: tuple[str, ...] = TOOLS  # cross builds: only what a device runs (quantize and score here)
 
 
 def _ndk_clang(ndk: str) -> str:
@@ -63,12 +65,12 @@ TARGETS: dict[str, Target] = {
         cmake=("-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64",
                "-DCMAKE_C_COMPILER=aarch64-linux-gnu-gcc", "-DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++",
                "-DGGML_NATIVE=OFF", "-DCMAKE_EXE_LINKER_FLAGS=-static"),
-        cc="aarch64-linux-gnu-gcc", machine="aarch64"),
+        cc="aarch64-linux-gnu-gcc", machine="aarch64", tools=DEVICE_TOOLS),
     # llama.cpp's docs/android.md recipe
     "android-arm64": Target(
         cmake=("-DANDROID_ABI=arm64-v8a", "-DANDROID_PLATFORM=android-28", "-DGGML_NATIVE=OFF",
                "-DGGML_LLAMAFILE=OFF"),
-        cc="", needs_ndk=True, machine="aarch64"),
+        cc="", needs_ndk=True, machine="aarch64", tools=DEVICE_TOOLS),
 }
 
 
@@ -82,7 +84,7 @@ def builds_root() -> Path:
 
 def bin_dir(target: str) -> Path:
     """Keyed by llama-cpp-python version, target, and a digest of how it is built."""
-    recipe = repr((COMMON, TOOLS, TARGETS[target])) + (Path(__file__).parent / "data" / "membw.c").read_text()
+    recipe = repr((COMMON, TARGETS[target])) + (Path(__file__).parent / "data" / "membw.c").read_text()
     digest = hashlib.sha256(recipe.encode()).hexdigest()[:10]
     return builds_root() / f"llama.cpp-{version()}" / f"{target}-{digest}" / "bin"
 
@@ -116,8 +118,13 @@ def _require(program: str, why: str) -> None:
         raise UserError(f"{program} not found ({why})")
 
 
-def _complete(out: Path) -> bool:
-    return all((out / t).is_file() for t in (*TOOLS, "membw"))
+def published(target: str) -> tuple[str, ...]:
+    """The files a target's build publishes: its tools and the bandwidth probe."""
+    return (*TARGETS[target].tools, "membw")
+
+
+def _complete(out: Path, target: str) -> bool:
+    return all((out / t).is_file() for t in published(target))
 
 
 def build(target: str, ndk: str | None = None, jobs: int | None = None, force: bool = False) -> Path:
@@ -130,17 +137,17 @@ def build(target: str, ndk: str | None = None, jobs: int | None = None, force: b
     out = bin_dir(target)
     out.parent.mkdir(parents=True, exist_ok=True)
     with claim(out, wait=True):  # also sweeps what a killed build left, when the cached one is reused
-        if not force and _complete(out):  # cached, or built by the run we waited for
+        if not force and _complete(out, target):  # cached, or built by the run we waited for
             return out
         _require("cmake", "install cmake")
         cmake, cc = _configure_args(target, ndk)
         source = vendored_source()
         work = out.parent / "cmake-build"
         _run(["cmake", "-S", str(source), "-B", str(work), *cmake], f"configure {target}")
-        _run(["cmake", "--build", str(work), "--target", *TOOLS, "-j", str(jobs or os.cpu_count() or 1)],
+        _run(["cmake", "--build", str(work), "--target", *TARGETS[target].tools, "-j", str(jobs or os.cpu_count() or 1)],
              f"build {target}")
         with atomic_dir(out, force=True) as staging:
-            for tool in TOOLS:
+            for tool in TARGETS[target].tools:
                 shutil.copy2(work / "bin" / tool, staging / tool)
             _compile_membw(target, cc, staging / "membw")
     return out
