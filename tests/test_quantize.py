@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from transact_edge import corpus, llamabuild
+from transact_edge import corpus, importance, llamabuild
+from transact_edge.calibration import collect
 from transact_edge.checkpoint import save
 from transact_edge.cli import main
 from transact_edge.exporters import imatrix
@@ -53,7 +54,7 @@ def test_bad_quantization_input_is_one_line_and_writes_nothing(tmp_path, tiny_ll
     _fails(capsys, tmp_path, [*export_, "--outtype", "q4_k_m", "--imatrix", str(junk)], "not an importance matrix")
     other = tiny_model("llama", intermediate_size=64)  # another model: ffn_down's rows differ
     sums, tokens = imatrix.collect(other, torch.randint(0, 1000, (2, 32)))
-    imatrix.write(tmp_path / "other.gguf", sums, tokens, 32, ["test"])
+    importance.write(tmp_path / "other.gguf", sums, tokens, 32, ["test"])
     _fails(capsys, tmp_path, [*export_, "--outtype", "IQ3_XXS", "--imatrix", str(tmp_path / "other.gguf")],
            "made for another model")
     _fails(capsys, tmp_path, [*export_, "--outtype", "q4_k_m", "--token-embedding-type", "q9_k"],
@@ -90,7 +91,7 @@ def test_auto_imatrix_matches_llama_imatrix(tools, tmp_path, tiny_llama_dir):
     from transact_edge.loading import load
 
     sums, tokens = imatrix.collect(load(str(tiny_llama_dir)).model, ids)
-    imatrix.write(tmp_path / "ours.gguf", sums, tokens, chunk, ["test"])
+    importance.write(tmp_path / "ours.gguf", sums, tokens, chunk, ["test"])
     ref = {t.name: np.array(t.data, dtype=np.float64).ravel() for t in gguf.GGUFReader(tmp_path / "ref.gguf").tensors}
     ours = {t.name: np.array(t.data, dtype=np.float64).ravel() for t in gguf.GGUFReader(tmp_path / "ours.gguf").tensors}
     assert ref.keys() == ours.keys() and len(ours) == 2 * 7 * 3
@@ -163,3 +164,34 @@ def test_round_to_auto_says_when_256_cannot_be_met(tmp_path, tiny_llama_dir, cap
     notes = [r.getMessage() for r in caplog.records if "--round-to auto:" in r.getMessage()]
     assert len(notes) == 1 and "attn_output 48, ffn_down 64" in notes[0] and "\n" not in notes[0]
     assert report["shots"][-1]["row_lengths"][0] == {"attn_output": 48, "ffn_down": 64}
+
+
+def test_prune_ranks_by_an_imatrix_as_by_its_own_pass(tools, tmp_path, quantizable_dir, tokenizer, capsys):
+    """An importance matrix holding the calibration pass's sums gives prune the same cut without a pass of its
+    own; the output carries that matrix cut to the kept columns, which llama-quantize takes for the pruned file."""
+    from transact_edge.loading import load
+
+    widths = ["--heads", "4", "--kv-heads", "2", "--mlp", "512", "--calib-samples", "4", "--seq-len", "64"]
+    model = load(str(quantizable_dir)).model
+    calib = corpus.windows(corpus.stream(tokenizer, corpus.DEFAULT, "train"), 64, 4)
+    stats = collect(model, calib)
+    sums, tokens = imatrix.collect(model, calib)  # every entry llama-quantize wants; o/down are the pass's sums
+    sums |= {f"blk.{il}.{w}.weight": s for il in range(len(stats.mha))
+             for w, s in (("attn_output", stats.mha[il]), ("ffn_down", stats.mlp[il]))}
+    importance.write(tmp_path / "dense.gguf", sums, tokens, 64, ["test"])
+    own, ranked = tmp_path / "own", tmp_path / "ranked"
+    assert main(["prune", "--model", str(quantizable_dir), *widths, "--out", str(own)]) == 0
+    assert main(["prune", "--model", str(quantizable_dir), *widths, "--imatrix", str(tmp_path / "dense.gguf"),
+                 "--out", str(ranked)]) == 0
+    plans = [json.loads((d / "transact.json").read_text())["plan"] for d in (own, ranked)]
+    assert plans[0]["layers"] == plans[1]["layers"] and plans[0]["heads"] == plans[1]["heads"]
+    assert plans[0]["channels"] == plans[1]["channels"]
+    cut = importance.read_sums(ranked / "imatrix.gguf")
+    kept = plans[1]["channels"][0]
+    np.testing.assert_allclose(cut["blk.0.ffn_down.weight"], stats.mlp[0].numpy()[kept], rtol=1e-6)
+    out = tmp_path / "ranked-q4_k_m.gguf"
+    assert main(["export", str(ranked), "--outtype", "q4_k_m", "--imatrix", str(ranked / "imatrix.gguf"),
+                 "--outfile", str(out)]) == 0 and out.is_file()
+    capsys.readouterr()
+    _fails(capsys, tmp_path, ["prune", "--model", str(quantizable_dir), *widths, "--shots", "2", "--imatrix",
+                              str(tmp_path / "dense.gguf"), "--out", str(tmp_path / "x")], "one TransAct cut")

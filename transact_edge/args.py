@@ -52,6 +52,10 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     w.add_argument("--reconstruct", action="store_true", help="at each cut, refit the kept columns of o_proj and "
                    "down_proj by ridge regression so each layer reproduces its output before the cut on the "
                    "calibration tokens (ridge strength chosen on held-apart windows; not with --stream)")
+    w.add_argument("--imatrix", metavar="FILE", help="rank heads and channels by an importance matrix made for this "
+                   "model (llama-imatrix's, or export --imatrix auto's): its attn_output and ffn_down sums are "
+                   "TransAct's statistic, so no calibration pass; one shot; the output gets the matrix cut to the "
+                   "kept columns (imatrix.gguf, approximate) for export --imatrix")
     w.add_argument("--metric", default="acts", help="what ranks heads and channels: acts (TransAct, default), "
                    "magnitude, taylor or random (baselines)")
     s = p.add_argument_group("schedule")

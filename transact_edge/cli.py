@@ -34,7 +34,7 @@ def _prune_options(a: argparse.Namespace):
         calib_samples=a.calib_samples, seq_len=a.seq_len, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
         eval=a.eval, eval_tokens=a.eval_tokens, resume=a.resume, force=a.force, device=a.device,
         sharding=getattr(a, "sharding", "ddp"), plan=a.plan,
-        reconstruct=a.reconstruct)
+        reconstruct=a.reconstruct, imatrix=a.imatrix)
 
 
 def _gpus() -> int:

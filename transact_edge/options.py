@@ -49,6 +49,7 @@ class PruneOptions:
     gen_cache: str = "preallocated"  # KV cache of sampling (generate.CACHES; speed only, the same tokens)
     plan: str | None = None          # a transact.json whose cut to replay (no calibration unless reconstruct)
     reconstruct: bool = False        # refit o_proj/down_proj's kept columns at each cut (refit.py)
+    imatrix: str | None = None       # an importance matrix whose sums rank the cut (importance.py): no salience pass
 
     def fingerprint(self) -> dict:
         """What must match for --resume to continue a run."""
@@ -88,6 +89,13 @@ def validate(opts: PruneOptions) -> None:
     if opts.reconstruct and opts.calib_samples < 2:
         raise UserError("--reconstruct holds calibration windows apart to choose its ridge strength: "
                         f"--calib-samples must be at least 2, got {opts.calib_samples}")
+    if opts.imatrix is not None:
+        fixed = {"--shots": opts.shots != 1, "--drop-layers": opts.drop_layers != 0, "--metric": opts.metric != "acts",
+                 "--stream": opts.stream, "--plan": opts.plan is not None}
+        bad = [k for k, v in fixed.items() if v]
+        if bad:
+            raise UserError(f"--imatrix ranks the dense model's heads and channels for one TransAct cut; drop "
+                            f"{', '.join(bad)}")
     if opts.plan is not None:
         fixed = {"widths": opts.widths != plan.WidthRequest(round_to=opts.widths.round_to), "--per-layer": opts.per_layer,
                  "--shots": opts.shots != 1, "--drop-layers": opts.drop_layers != 0, "--metric": opts.metric != "acts",

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from transact_edge import corpus, depth, distributed, heal, lock, plan, recovery, refit, runstate, salience
+from transact_edge import corpus, depth, distributed, heal, importance, lock, plan, recovery, refit, runstate, salience
 from transact_edge.checkpoint import REPORT_FORMAT, atomic_dir, check_output, require_space, save
 from transact_edge.errors import UserError
 from transact_edge.options import PruneOptions, recovery_options, validate
@@ -224,6 +224,10 @@ def _finish(run: _Run, seconds: dict) -> dict:
     if run.main:
         with atomic_dir(opts.out, opts.force) as tmp:
             save(tmp, run.model, run.tok, report)
+            if opts.imatrix and importance.is_gguf(Path(opts.imatrix)):  # the pruned model's, for export --imatrix
+                importance.cut_to(Path(opts.imatrix), tmp / "imatrix.gguf", run.kept.layer_plans(),
+                                  head_dim(run.model.config), "cut to the kept columns by transact-edge prune "
+                                  "(approximate: sums of the dense model's inputs)")
         shutil.rmtree(run.partial, ignore_errors=True)
     runstate.wait(run.group)
     return report
@@ -280,8 +284,12 @@ def _cut(model, calib: torch.Tensor, shot: int, opts: PruneOptions, kept: plan.P
     final = plan.target(_widest(kept.dense_shapes()), opts.widths, head_dim(model.config))
     uniform = plan.step(_widest(shapes), final, opts.shots - shot, opts.widths.round_to)
     t = time.perf_counter()
-    scores = salience.METRICS[opts.metric](model, calib, shapes, opts.batch_size, opts.seed * 1000 + shot,
-                                           group=group)
+    if opts.imatrix:
+        scores = salience.from_stats(importance.stats(Path(opts.imatrix), model.config), shapes)
+        record["salience_from"] = opts.imatrix
+    else:
+        scores = salience.METRICS[opts.metric](model, calib, shapes, opts.batch_size, opts.seed * 1000 + shot,
+                                               group=group)
     record["salience_seconds"] = time.perf_counter() - t
     record["salience_tokens_per_s"] = calib.numel() / record["salience_seconds"]
     new_shapes = (plan.per_layer_widths(scores, shapes, uniform, opts.widths.round_to) if opts.per_layer

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from transact_edge import importance
 from transact_edge.arch import family_of
 from transact_edge.checkpoint import atomic_file, read_report, require_space
 from transact_edge.errors import UserError
@@ -259,7 +260,7 @@ def export(opts: GGUFExportOptions) -> Path:
     scaling(config)  # refused before anything is written
     quantize.check(q, config.hidden_size)
     if q.imatrix not in (None, "auto"):
-        imatrix.check_file(Path(q.imatrix), config, q.outtype in quantize.NEEDS_IMATRIX)
+        importance.check_file(Path(q.imatrix), config, q.outtype in quantize.NEEDS_IMATRIX)
     tool = quantize.tool() if q.needs_llama_quantize else None
     staged = tool is not None  # llama-quantize reads an F32 file staged beside the output
     qtype = gguf.GGMLQuantizationType["F32" if staged else PY_OUTTYPES[q.outtype][0]]
