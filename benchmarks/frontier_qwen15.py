@@ -14,7 +14,11 @@ attention on) on the shipped held-out pages and on a code text no calibration se
 Python's own standard library), and by llama.cpp's own memory report at a 4,096-token context with
 an F16 and a Q8_0 KV cache (weights + KV + compute buffers). Rows are appended as they are measured
 (benchmarks/results/frontier-qwen15.jsonl); a row already there is skipped, so the run resumes.
-Imatrix: `export --imatrix auto`'s pass (64 x 512 tokens of the shipped pages) on the model scored.
+One calibration pass for the whole grid: `export --imatrix auto`'s (64 x 512 tokens of the shipped pages) on
+the dense model. It quantizes the dense rows, ranks every TransAct cut (`prune --imatrix`: its attn_output
+and ffn_down sums are TransAct's statistic) and, cut to the kept columns, quantizes the pruned rows
+(approximate: the dense model's inputs). The refit (`-rc` points) makes its own pass for its Gram
+matrices (32 x 1024 tokens). Depth points drop the layers block influence picks (their own pass).
 """
 from __future__ import annotations
 
@@ -77,14 +81,22 @@ def source_f16(work: Path, point: str, a) -> tuple[Path, str, list[int] | None]:
     if point.startswith("depth"):
         layers = frontier.shortgpt_layers(int(point[5:].split("-")[0]), MODEL)
     elif point != "dense":
-        source = str(prune_point(work, point))
+        source = str(prune_point(work, point, a))
     f16 = work / f"{'dense' if layers else point}-f16.gguf"
     if not f16.is_file():
         export(GGUFExportOptions(source, "f16", f16))
     return f16, source, layers
 
 
-def prune_point(work: Path, point: str) -> Path:
+def dense_matrix(work: Path, a) -> Path:
+    """The dense model's importance matrix (`export --imatrix auto`'s pass): the one calibration pass the
+    grid makes; it ranks every TransAct cut (prune --imatrix) and, cut to the kept columns, quantizes it."""
+    f16, _, _ = source_f16(work, "dense", a)
+    matrix = f16.with_name("dense-imatrix.gguf")
+    return matrix if matrix.is_file() else frontier.importance_matrix(MODEL, f16)
+
+
+def prune_point(work: Path, point: str, a) -> Path:
     from transact_edge.plan import WidthRequest
     from transact_edge.prune import PruneOptions, prune
 
@@ -92,7 +104,8 @@ def prune_point(work: Path, point: str) -> Path:
     if not (out / "transact.json").is_file():
         name, _, rc = point.partition("-")
         prune(PruneOptions(model=MODEL, out=out, widths=WidthRequest(**WIDTHS[name], round_to="auto"),
-                           train_tokens=0, reconstruct=rc == "rc", seed=0, resume=True, force=True, **CALIB))
+                           imatrix=str(dense_matrix(work, a)), train_tokens=0, reconstruct=rc == "rc", seed=0,
+                           force=True, **CALIB))
     return out
 
 
@@ -111,9 +124,7 @@ def run(a) -> None:
             report = json.loads((Path(source) / "transact.json").read_text())
             record |= {"params": report["pruned"]["params"], "row_lengths": report["shots"][-1].get("row_lengths"),
                        "seconds_prune": report["seconds"]}
-        matrix = f16.with_name(f16.name.replace("-f16.gguf", "-imatrix.gguf"))
-        if any("+imatrix" in t for t in todo) and not matrix.is_file():
-            matrix = frontier.importance_matrix(source, f16)
+        matrix = Path(source) / "imatrix.gguf" if Path(source).is_dir() else dense_matrix(a.work, a)
         for outtype in todo:
             t0 = time.perf_counter()
             gguf = frontier.quantize(f16, outtype, layers, matrix)
