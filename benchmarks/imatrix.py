@@ -90,6 +90,7 @@ def main() -> None:
             ref, ours = row["ppl"][f"{qtype} llama-imatrix {text}"], row["ppl"][f"{qtype} auto {text}"]
             row.setdefault("auto_vs_llama_imatrix_pct", {})[f"{qtype} {text}"] = 100 * (ours - ref) / ref
         print(qtype, {k: round(v, 3) for k, v in row["ppl"].items() if k.startswith(qtype)}, flush=True)
+        RESULTS.write_text(json.dumps(row, indent=1) + "\n")  # after each type: a run cut short keeps what it measured
     row["ppl"] |= {f"F32 {text}": frontier.perplexity(f32, path, a) for text, path in texts.items()}
     RESULTS.write_text(json.dumps(row, indent=1) + "\n")
     print(json.dumps(row, indent=1))

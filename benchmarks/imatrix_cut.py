@@ -61,7 +61,7 @@ def main() -> None:
             row |= {f"cut_vs_auto_pct {k}": 100 * (row[f"cut {k}"] / row[f"auto {k}"] - 1) for k in texts}
             print(json.dumps(row), flush=True)
             rows.append(row)
-    RESULTS.write_text(json.dumps({"machine": machine(), "chunks": a.chunks, "rows": rows}, indent=1) + "\n")
+            RESULTS.write_text(json.dumps({"machine": machine(), "chunks": a.chunks, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
