@@ -209,6 +209,7 @@ def test_split_embedded_model_is_joined_once_in_order(split_model):
 
 @pytest.mark.parametrize("damage", ["missing package", "missing part", "wrong size"])
 def test_split_embedded_model_damaged_is_one_line(damage, split_model, capsys):
+    import importlib
     import shutil
 
     from transact_edge import loading
@@ -216,6 +217,7 @@ def test_split_embedded_model_damaged_is_one_line(damage, split_model, capsys):
     site, _ = split_model
     if damage == "missing package":
         shutil.rmtree(site / "fake_part3")
+        importlib.invalidate_caches()  # the import system's directory listings must not remember it
     elif damage == "missing part":
         (site / "fake_part2" / "data" / "part02.bin").unlink()
     else:
