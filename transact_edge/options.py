@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from transact_edge import corpus, distill, distributed, generate, plan, recovery, salience, traindata
+from transact_edge import corpus, distill, distributed, generate, importance, plan, recovery, salience, traindata
 from transact_edge.errors import UserError
 from transact_edge.loading import EMBEDDED
 
@@ -96,6 +96,7 @@ def validate(opts: PruneOptions) -> None:
         if bad:
             raise UserError(f"--imatrix ranks the dense model's heads and channels for one TransAct cut; drop "
                             f"{', '.join(bad)}")
+        importance.read_sizes(Path(opts.imatrix))  # a missing or unreadable file, before the model is loaded
     if opts.plan is not None:
         fixed = {"widths": opts.widths != plan.WidthRequest(round_to=opts.widths.round_to), "--per-layer": opts.per_layer,
                  "--shots": opts.shots != 1, "--drop-layers": opts.drop_layers != 0, "--metric": opts.metric != "acts",
