@@ -42,7 +42,8 @@ SPEED = frontier.RESULTS / "frontier-qwen15-speed.json"
 FLASH = ["-fa", "on"]  # one flash-attention setting for every row (llama.cpp's CPU default, `auto`, picks on)
 CODE = ["argparse.py", "difflib.py", "textwrap.py", "fractions.py", "statistics.py", "heapq.py"]
 K_TYPES = ["q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_k_s", "q3_k_m", "q3_k_s", "q2_k", "iq4_xs"]
-DENSE = [t for k in K_TYPES for t in (k, f"{k}+imatrix")] + ["iq3_m+imatrix", "iq3_xxs+imatrix", "iq2_m+imatrix"]
+# the rows without an imatrix first: they need no calibration pass, so the grid has rows before the pass ends
+DENSE = K_TYPES + [f"{k}+imatrix" for k in K_TYPES] + ["iq3_m+imatrix", "iq3_xxs+imatrix", "iq2_m+imatrix"]
 PRUNED_TYPES = ["q4_k_m+imatrix", "q5_k_m+imatrix", "q6_k+imatrix"]
 # Mild widths, rows multiples of 256 (--round-to auto): query heads inside the 2 KV groups, or one KV group
 WIDTHS = {"tx85": dict(heads=10, kv_heads=2, mlp_ratio=0.85), "tx70": dict(heads=8, kv_heads=2, mlp_ratio=0.70),
