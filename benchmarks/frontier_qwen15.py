@@ -125,9 +125,10 @@ def run(a) -> None:
             report = json.loads((Path(source) / "transact.json").read_text())
             record |= {"params": report["pruned"]["params"], "row_lengths": report["shots"][-1].get("row_lengths"),
                        "seconds_prune": report["seconds"]}
-        matrix = Path(source) / "imatrix.gguf" if Path(source).is_dir() else dense_matrix(a.work, a)
         for outtype in todo:
             t0 = time.perf_counter()
+            matrix = None if "+imatrix" not in outtype else \
+                Path(source) / "imatrix.gguf" if Path(source).is_dir() else dense_matrix(a.work, a)
             gguf = frontier.quantize(f16, outtype, layers, matrix)
             row = record | {"type": outtype, "bytes": gguf.stat().st_size,
                             "seconds_quantize": round(time.perf_counter() - t0)}
