@@ -4,6 +4,13 @@ from __future__ import annotations
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# The cores shared out among xdist's workers (and the processes they start), set before torch starts its pool:
+# two workers of two threads each on two cores made OpenMP's spinning threads wait on each other (two
+# concurrent real prunes: 95 s with two threads each, 58 s with one).
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    for _var in ("OMP_NUM_THREADS", "LLAMA_ARG_THREADS"):  # torch's pool; llama.cpp's tools when no -t is given
+        os.environ.setdefault(_var, str(max(1, (os.cpu_count() or 1) // _workers)))
 
 import pytest
 import torch
