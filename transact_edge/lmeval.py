@@ -10,9 +10,12 @@ One task always works offline, built from the shipped held-out pages:
 """
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -61,30 +64,37 @@ def _local_tasks(root: Path) -> Path:
     return root
 
 
+@functools.cache
+def _task_manager(include: str | None):
+    """lm-eval's task index with the local task, built once per process: it reads ~15K task files (~20 s)."""
+    from lm_eval.tasks import TaskManager
+
+    root = Path(tempfile.mkdtemp(prefix="transact-lmeval-"))
+    atexit.register(shutil.rmtree, root, True)
+    return TaskManager(include_path=[str(_local_tasks(root))] + ([include] if include else []))
+
+
 def evaluate(model, tokenizer, tasks: list[str], limit: int | None, batch_size: int,
              include: Path | None = None) -> tuple[dict, str]:
     """lm-eval results and its markdown table for `tasks` on an in-memory transformers model."""
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
         from lm_eval.utils import make_table
     except ImportError:
         raise UserError("--lm-eval needs the lm-eval package (pip install lm-eval); task data must already be "
                         "in the local Hugging Face datasets cache, nothing is downloaded at run time") from None
     os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = [str(_local_tasks(Path(tmp)))] + ([str(include)] if include else [])
-        manager = TaskManager(include_path=paths)
-        unknown = [t for t in tasks if t not in manager.all_tasks]
-        if unknown:
-            raise UserError(f"unknown lm-eval task(s): {', '.join(unknown)} (e.g. {LOCAL_TASK}, which runs offline)")
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        try:
-            results = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager,
-                                              bootstrap_iters=0)
-        except (ConnectionError, FileNotFoundError, OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"lm-eval could not load the data of {', '.join(tasks)} offline ({first}); "
-                            "put it in the Hugging Face datasets cache first") from None
+    manager = _task_manager(str(include) if include else None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise UserError(f"unknown lm-eval task(s): {', '.join(unknown)} (e.g. {LOCAL_TASK}, which runs offline)")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    try:
+        results = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager,
+                                          bootstrap_iters=0)
+    except (ConnectionError, FileNotFoundError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"lm-eval could not load the data of {', '.join(tasks)} offline ({first}); "
+                        "put it in the Hugging Face datasets cache first") from None
     return results, make_table(results)
