@@ -89,17 +89,17 @@ def test_strip_launch_flags():
 
 
 def test_batch_too_large_names_the_largest_that_fits(tiny_llama_dir, tmp_path):
-    """Under a 5 GiB address-space limit a batch of 32 x 512 tokens cannot train (the logits alone
+    """Under a 5 GiB address-space limit a batch of 8 x 512 tokens cannot train (the logits alone
     need ~3 GiB per 8 windows); the error names a smaller batch (4 here), and that batch then runs. The
-    limit is kept low: each probe of the search trains a step, so a higher one only costs time."""
+    limit and the batch are kept low: each probe of the search trains a step, so larger ones only cost time."""
     args = ["prune", "--model", str(tiny_llama_dir), "--kv-heads", "1", "--mlp", "64", "--train-tokens", "16384",
             "--calib-samples", "4", "--seq-len", "512", "--device", "cpu"]
-    r = _run([*args, "--out", str(tmp_path / "big"), "--batch-size", "32"], limit=5 << 30)
+    r = _run([*args, "--out", str(tmp_path / "big"), "--batch-size", "8"], limit=5 << 30)
     assert r.returncode == 2, r.stderr[-2000:]
     line = r.stderr.strip().splitlines()[-1]
-    m = re.search(r"recovery training: a batch of 32 windows x 512 tokens does not fit in cpu memory; "
+    m = re.search(r"recovery training: a batch of 8 windows x 512 tokens does not fit in cpu memory; "
                   r"the largest that fits is (\d+): rerun with --batch-size (\d+)", line)
-    assert m and m[1] == m[2] and 1 <= int(m[1]) < 32, line
+    assert m and m[1] == m[2] and 1 <= int(m[1]) < 8, line
     assert not (tmp_path / "big").exists() and not list(tmp_path.glob(".big*"))
     one_step = ["--train-tokens", str(int(m[1]) * 512)]  # that batch runs: one step shows it
     r = _run([*args, *one_step, "--out", str(tmp_path / "fits"), "--batch-size", m[1]], limit=5 << 30)
