@@ -244,71 +244,6 @@ def run_point(name: str, a, types: list[str]) -> None:
         with a.results.open("a") as f:
             f.write(json.dumps(row | {"machine": info, "chunks": a.chunks}) + "\n")
 
-def throughput(a) -> None:
-    """Sampling new tok/s for each KV cache and batch; KD vs LM training steps at the 50% widths, with
-    the losses eager and fused (torch.compile), the teacher plain and compiled. One JSON file each."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from transact_edge import corpus, generate
-    from transact_edge.distill import LossOptions, Teacher
-    from transact_edge.loading import load
-    from transact_edge.recovery import RecoveryOptions, train
-    from transact_edge.traindata import from_windows
-
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    info = machine() | {"gpu": torch.cuda.get_device_name() if dev.type == "cuda" else None,
-                        "command": " ".join(sys.argv)}
-    if a.random_weights:  # the speed of sampling and of a step does not depend on the weights' values
-        model = LlamaForCausalLM(LlamaConfig(**SMOLLM2)).to(dev)
-        ids, eos = torch.randint(0, SMOLLM2["vocab_size"], (100_000,)), SMOLLM2["eos_token_id"]
-        info["weights"] = "random, SmolLM2-135M's config"
-    else:
-        loaded = load(a.model)
-        model, ids, eos = loaded.model, corpus.stream(loaded.tokenizer), loaded.tokenizer.eos_token_id
-    gen_rows, first = [], {}
-    for cache in a.gen_caches:
-        for batch in a.gen_batches:
-            def opts(rounds: int):
-                return generate.GenOptions(tokens=batch * a.gen_len * rounds, new_len=a.gen_len, batch=batch,
-                                           cache=cache, compile=cache == "static")
-            warm, _ = generate.generate(model.bfloat16(), ids, eos, opts(1))  # warm-up (and compile)
-            torch.cuda.synchronize(dev) if dev.type == "cuda" else None
-            _, stats = generate.generate(model, ids, eos, opts(3))
-            reference = first.setdefault(batch, warm)  # the first cache's tokens: do the others sample the same?
-            gen_rows.append({"cache": cache, "compile": cache == "static", "new_len": a.gen_len, **stats,
-                             "same_tokens_as": a.gen_caches[0], "same_tokens": float((warm == reference).mean())})
-            print(json.dumps(gen_rows[-1]), flush=True)
-    (RESULTS / "generation_throughput.json").write_text(json.dumps({"machine": info, "rows": gen_rows}, indent=1))
-    if a.no_steps:
-        return
-    # a student of the tx50 widths (uniform, so a plain Llama of that config): steps cost the same as a pruned one's
-    tx50 = WIDTHS["tx50"]
-    student_cfg = LlamaConfig(**SMOLLM2 | dict(num_attention_heads=tx50["heads"], num_key_value_heads=tx50["kv_heads"],
-                                               intermediate_size=tx50["mlp"]))
-    windows = corpus.windows(ids, 1024, 32 * 24, seed=0)
-    variants = [("lm", False, False), ("lm", True, False), ("kd", False, False), ("kd", True, False),
-                ("kd", True, True)]
-    teachers = {c: Teacher(LlamaForCausalLM(model.config).to(dev) if a.random_weights else load(a.model).model,
-                           dev, compile=c) for c in (False, True)}
-    rows = []
-    for loss, fused, compiled in variants * 2:  # twice: the first round warms up (and compiles)
-        torch.manual_seed(0)
-        student = LlamaForCausalLM(student_cfg).to(dev)
-        t = time.perf_counter()
-        train(student, from_windows(windows), 24, RecoveryOptions(LossOptions(loss, compile=fused), 32, 1e-4),
-              teacher=teachers[compiled] if loss == "kd" else None)
-        torch.cuda.synchronize(dev) if dev.type == "cuda" else None
-        rows.append({"loss": loss, "fused_loss": fused, "compiled_teacher": compiled,
-                     "tok_s": windows.numel() / (time.perf_counter() - t)})
-    rows = rows[len(variants):]
-    best_lm = max(r["tok_s"] for r in rows if r["loss"] == "lm")
-    for r in rows:
-        r["over_best_lm"] = r["tok_s"] / best_lm
-        print(json.dumps(r), flush=True)
-    (RESULTS / "recovery_throughput.json").write_text(json.dumps({"machine": info, "batch": "32 x 1024", "steps": 24,
-                                                                  "rows": rows}, indent=1))
-
 
 SHAPES = {"dense": {}, **{w: dict(widths=w) for w in WIDTHS}, "depth8": dict(drop_layers=8),
           "depth15": dict(drop_layers=15)}
@@ -354,88 +289,6 @@ def pareto(rows: list[dict], key: str, size: str = "bytes", smaller: bool = True
                        for o in rows)}
 
 
-def _host(r: dict) -> str:
-    cores = r["machine"]["cores"]
-    return f"{cores}-core {'GPU host' if cores > 2 else 'VM'}"
-
-
-def _decode(r: dict) -> str:
-    if "speed" in r:
-        return f"{r['speed']:.0f}"
-    return f"{r['tg64_tok_s']:.0f} ({_host(r)})" if "caveat_speed" not in r else "- (machine busy)"
-
-
-def table(rows: list[dict], keys: list[str], fronts: dict[str, set[int]], picked, where: str) -> list[str]:
-    lines = ["| point | type | MiB | " + " | ".join(f"ppl {k[4:]}" for k in keys) + f" | decode tok/s ({where}) | "
-             "on the front |", "|---|---|---:|" + "---:|" * len(keys) + "---:|---|"]
-    for i, r in sorted(enumerate(rows), key=lambda x: x[1]["bytes"]):
-        if picked(i, r):
-            lines.append(f"| {r['point']}{' *' if r.get('caveat') else ''} | {r['type']} | {r['bytes'] / 2**20:.1f} | "
-                         + " | ".join(f"{r[k]:.1f}" for k in keys) + f" | {_decode(r)} |"
-                         + f" {', '.join(k[4:] for k in keys if i in fronts[k]) or '-'} |")
-    return lines
-
-
-def report(a) -> None:
-    """frontier.md (every row), frontier.png, and the short table the demo shows (package data)."""
-    rows = read_rows(a.results)
-    fresh = done_rows(a.results)  # a re-run replaces the row it was made to replace
-    rows = [r for r in rows if not (r.get("caveat") and (r["point"], r["type"]) in fresh)]
-    speeds = json.loads(SPEED.read_text()) if SPEED.is_file() else {"rows": []}
-    by_shape = {(s["shape"], s["type"]): s["tg64_tok_s"] for s in speeds["rows"]}
-    for r in rows:
-        if (shape_of(r["point"]), r["type"]) in by_shape:
-            r["speed"] = by_shape[shape_of(r["point"]), r["type"]]
-    keys = [k for k in ("ppl_wiki", "ppl_news") if all(k in r for r in rows)]
-    fronts = {k: pareto(rows, k) for k in keys}
-    date = max(r["machine"]["date"] for r in rows)[:10]
-    where = (f"{speeds['machine']['cores']}-core VM, every shape in one run" if speeds["rows"] else "host")
-    head = (f"GGUF bytes vs perplexity scored by llama.cpp (llama-perplexity -c 512, first {rows[0]['chunks']} "
-            f"chunks of each text: `wiki` = the shipped held-out pages, `news` = the Lee news corpus, never seen "
-            f"in recovery). Measured up to {date}, `python benchmarks/frontier.py point ...` (pruning and recovery "
-            "on a lent H200; the points scored on 2026-12-07 on an H100). A row is on the front when no other row is at most its size and perplexity. "
-            + ("Decode speed (llama-bench tg64) from `python benchmarks/frontier.py speed`: each shape measured "
-               f"on one host in one run ({speeds['machine']['date'][:10]}, {speeds['threads']} threads); a value "
-               "with a host in brackets was measured where the point was scored. " if speeds["rows"] else
-               "Decode speeds are only comparable between rows of the same host. ")
-            + ("* recovered with its windows in corpus order (the streamed data was not shuffled yet): to be "
-               "re-run.\n\n" if any(r.get("caveat") for r in rows) else "\n\n"))
-    full = table(rows, keys, fronts, lambda i, r: True, where)
-    (RESULTS / "frontier.md").write_text(head + "\n".join(full) + "\n")
-    print("\n".join(full))
-    short = table(rows, keys, fronts, lambda i, r: r["type"] in ("q8_0", "q4_0") or any(i in f for f in fronts.values()),
-                  where)
-    summary = Path(__file__).resolve().parents[1] / "transact_edge" / "data" / "frontier.md"
-    summary.write_text(head + "\n".join(short) + "\n")
-    plot(rows, keys, fronts)
-
-
-def plot(rows: list[dict], keys: list[str], fronts: dict[str, set[int]]) -> None:
-    """Bytes vs perplexity per text and, where the speed table covers the rows, decode speed vs perplexity."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    timed = [r for r in rows if "speed" in r]
-    panels = [(k, "bytes", rows, fronts[k]) for k in keys] + [(k, "speed", timed, pareto(timed, k, "speed", False))
-                                                              for k in keys if timed]
-    fig, axes = plt.subplots(len(panels) // len(keys), len(keys), figsize=(6 * len(keys), 4.5 * len(panels) // len(keys)),
-                             squeeze=False)
-    for ax, (k, x, subset, front) in zip(axes.flat, panels):
-        scale = 2**20 if x == "bytes" else 1
-        ax.set_prop_cycle(color=plt.cm.tab20.colors)  # one colour per point (tab10 repeats after ten)
-        for point in sorted({r["point"] for r in subset}):
-            pts = sorted((r[x] / scale, r[k]) for r in subset if r["point"] == point)
-            ax.plot(*zip(*pts), "o-" if x == "bytes" else "o", ms=4, lw=0.8, label=point)
-        line = sorted((subset[i][x] / scale, subset[i][k]) for i in front)
-        ax.plot(*zip(*line), "k--", lw=1.5, label="Pareto front")
-        ax.set(xlabel="GGUF MiB" if x == "bytes" else "decode tok/s (llama-bench tg64)",
-               ylabel=f"llama.cpp perplexity ({k[4:]})", yscale="log", title=k[4:])
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "frontier.png", dpi=120)
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=["point", "prune", "throughput", "speed", "report"],
@@ -467,8 +320,12 @@ def main() -> None:
     global TOOLS_DIR
     TOOLS_DIR = a.tools
     if a.what == "throughput":
+        from frontier_throughput import throughput
+
         return throughput(a)
     if a.what == "report":
+        from frontier_report import report
+
         return report(a)
     if a.what == "speed":
         return speed(a)

@@ -163,12 +163,23 @@ def markdown(result: dict) -> str:
 
 
 def plots(result: dict, stem: Path) -> list[Path]:
+    """The PNGs written beside `stem`: perplexity vs size, the width grid, the per-layer widths."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    written = [_pareto_plot(plt, result, stem.with_name(stem.name + "-pareto.png"))]
+    grid = [r for r in result["runs"] if r["group"] == "grid"]
+    if grid:
+        written.append(_grid_plot(plt, grid, stem.with_name(stem.name + "-grid.png")))
+    layout = [r for r in result["runs"] if r["per_layer"]]
+    if layout:
+        written.append(_layout_plot(plt, layout, stem.with_name(stem.name + "-per-layer.png")))
+    return written
+
+
+def _pareto_plot(plt, result: dict, path: Path) -> Path:
     runs_, dense = result["runs"], result["dense"]
-    written = []
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, key, label in ((axes[0], "non_embedding_params", "non-embedding parameters (M)"),
                            (axes[1], "kv_bytes_per_token", "KV-cache bytes per token (f16)")):
@@ -183,47 +194,47 @@ def plots(result: dict, stem: Path) -> list[Path]:
     axes[0].legend(fontsize=8)
     fig.suptitle(f"SmolLM2-135M pruned: perplexity vs size (scale {result['scale_name']})")
     fig.tight_layout()
-    written.append(stem.with_name(stem.name + "-pareto.png"))
-    fig.savefig(written[-1], dpi=110)
+    fig.savefig(path, dpi=110)
+    return path
 
-    grid = [r for r in runs_ if r["group"] == "grid"]
-    if grid:
-        attn = sorted({tuple(r["widths"][:2]) for r in grid}, reverse=True)
-        mlps = sorted({r["widths"][2] for r in grid})
-        import numpy as np
-        z = np.full((len(attn), len(mlps)), np.nan)
-        fig, ax = plt.subplots(figsize=(6.5, 5))
-        for r in grid:
-            i, j = attn.index(tuple(r["widths"][:2])), mlps.index(r["widths"][2])
-            z[i, j] = r["ppl"]
-            ax.text(j, i, f"{r['ppl']:.1f}\n{r['non_embedding_params'] / 1e6:.0f}M", ha="center", va="center",
-                    fontsize=9, color="w")
-        im = ax.imshow(np.log(z), cmap="viridis_r")
-        ax.set(xticks=range(len(mlps)), xticklabels=mlps, yticks=range(len(attn)),
-               yticklabels=[f"{kv} KV / {h} heads" for kv, h in attn], xlabel="MLP channels per layer",
-               title="perplexity (and non-embedding params)")
-        fig.colorbar(im, ax=ax, label="log perplexity")
-        fig.tight_layout()
-        written.append(stem.with_name(stem.name + "-grid.png"))
-        fig.savefig(written[-1], dpi=110)
 
-    layout = [r for r in runs_ if r["per_layer"]]
-    if layout:
-        fig, axes = plt.subplots(1, 2, figsize=(13, 4))
-        for r in layout:
-            layers = r["widths_per_layer"]
-            axes[0].plot([l["n_kv_head"] for l in layers], marker="o", label=r["name"])
-            axes[1].plot([l["ffn_dim"] for l in layers], marker="o", label=r["name"])
-        axes[0].set(xlabel="layer", ylabel="KV groups kept")
-        axes[1].set(xlabel="layer", ylabel="MLP channels kept")
-        for ax in axes:
-            ax.legend()
-            ax.grid(alpha=0.3)
-        fig.suptitle("--per-layer widths chosen by activation salience")
-        fig.tight_layout()
-        written.append(stem.with_name(stem.name + "-per-layer.png"))
-        fig.savefig(written[-1], dpi=110)
-    return written
+def _grid_plot(plt, grid: list[dict], path: Path) -> Path:
+    import numpy as np
+
+    attn = sorted({tuple(r["widths"][:2]) for r in grid}, reverse=True)
+    mlps = sorted({r["widths"][2] for r in grid})
+    z = np.full((len(attn), len(mlps)), np.nan)
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for r in grid:
+        i, j = attn.index(tuple(r["widths"][:2])), mlps.index(r["widths"][2])
+        z[i, j] = r["ppl"]
+        ax.text(j, i, f"{r['ppl']:.1f}\n{r['non_embedding_params'] / 1e6:.0f}M", ha="center", va="center",
+                fontsize=9, color="w")
+    im = ax.imshow(np.log(z), cmap="viridis_r")
+    ax.set(xticks=range(len(mlps)), xticklabels=mlps, yticks=range(len(attn)),
+           yticklabels=[f"{kv} KV / {h} heads" for kv, h in attn], xlabel="MLP channels per layer",
+           title="perplexity (and non-embedding params)")
+    fig.colorbar(im, ax=ax, label="log perplexity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _layout_plot(plt, layout: list[dict], path: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+    for r in layout:
+        layers = r["widths_per_layer"]
+        axes[0].plot([l["n_kv_head"] for l in layers], marker="o", label=r["name"])
+        axes[1].plot([l["ffn_dim"] for l in layers], marker="o", label=r["name"])
+    axes[0].set(xlabel="layer", ylabel="KV groups kept")
+    axes[1].set(xlabel="layer", ylabel="MLP channels kept")
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle("--per-layer widths chosen by activation salience")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
 
 
 def main() -> None:

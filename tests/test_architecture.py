@@ -56,11 +56,12 @@ def test_help_imports_neither_torch_nor_transformers():
 
 
 def test_modules_and_functions_stay_short():
-    """Files that read top to bottom: no module over 400 lines, no function over 60."""
+    """Files that read top to bottom: no module over 400 lines, no function over 60 (the package, its tests
+    and its benchmarks)."""
     import ast
 
     long = []
-    for f in sorted((ROOT / "transact_edge").rglob("*.py")):
+    for f in sorted(f for d in ("transact_edge", "tests", "benchmarks") for f in (ROOT / d).rglob("*.py")):
         src = f.read_text()
         if len(src.splitlines()) > 400:
             long.append(f"{f.relative_to(ROOT)}: {len(src.splitlines())} lines")

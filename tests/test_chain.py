@@ -13,7 +13,7 @@ from transact_edge.checkpoint import save
 from transact_edge.cli import main
 from transact_edge.ggufmap import read_header
 
-from conftest import LLAMA3, tiny_model
+from helpers import LLAMA3, tiny_model
 
 
 def _qwen2_gqa4():

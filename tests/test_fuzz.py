@@ -23,7 +23,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fuzzing import DEFAULT_CASES, kitchen_sink, gguf_fields
+from fuzzing import DEFAULT_CASES
+from mutations import gguf_fields, kitchen_sink
 from transact_edge.cli import main
 from transact_edge.errors import UserError
 from transact_edge.ggufmap import read_header

@@ -16,7 +16,7 @@ from transact_edge.salience import from_stats
 from transact_edge.shapes import LayerShape, head_dim, layer_shapes
 from transact_edge.surgery import cut
 
-from conftest import TINY, tiny_model
+from helpers import TINY, tiny_model
 
 
 @pytest.mark.slow
@@ -198,7 +198,7 @@ def test_exactness_check_fails_every_wrong_mapping(fault, tmp_path, tokenizer, m
     """A per-layer Qwen2 (deci: rows and biases permuted, per-layer heads) exported as F32 with one fault
     planted: the exactness check (flash attention off, F32 KV, the file's own rounding) fails and the
     export exits 1; the same export without a fault passes."""
-    from conftest import tiny_model
+    from helpers import tiny_model
     from test_surgery import plans_for
 
     from transact_edge.shapes import LayerShape
@@ -223,7 +223,7 @@ def test_exactness_check_fails_every_wrong_mapping(fault, tmp_path, tokenizer, m
 def test_large_qk_biases_drift_in_deployment_while_the_file_is_exact(tmp_path, tokenizer, capsys):
     """Large q/k biases (as Qwen2's): llama.cpp's flash-attention path with an F16 KV cache drifts from
     PyTorch, the exact settings do not; the drift is reported on its own line and does not fail."""
-    from conftest import tiny_model
+    from helpers import tiny_model
 
     model = tiny_model("qwen2")
     torch.manual_seed(0)

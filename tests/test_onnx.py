@@ -13,7 +13,7 @@ from transact_edge.ortruntime import OrtModel
 from transact_edge.shapes import LayerShape, layer_shapes
 from transact_edge.surgery import cut
 
-from conftest import TINY, tiny_model
+from helpers import TINY, tiny_model
 
 
 def _tiny_checkpoint(family, per_layer, path, tokenizer):

@@ -114,7 +114,7 @@ def test_plan_round_trips_through_json_and_reads_the_first_format(tmp_path):
 def test_prune_replays_a_plan_on_a_sibling_checkpoint(tiny_llama_dir, tmp_path, tokenizer, capsys):
     """The base model's cut, applied to another checkpoint of the same shapes (an 'instruct sibling'),
     without calibration: the same kept indices, and the sibling's own weights at those indices."""
-    from conftest import tiny_model
+    from helpers import tiny_model
 
     from transact_edge.cli import main
     from transact_edge.loading import load

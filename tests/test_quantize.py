@@ -15,7 +15,7 @@ from transact_edge.cli import main
 from transact_edge.exporters import imatrix
 from transact_edge.exporters.gguf import GGUFExportOptions, export
 
-from conftest import tiny_model
+from helpers import tiny_model
 
 # rows that fill 256-blocks: hidden 256, attn_output 4 x 64, MLP 1024
 QUANTIZABLE = dict(hidden_size=256, head_dim=64, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1024)

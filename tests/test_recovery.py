@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_model
+from helpers import tiny_model
 from transact_edge import depth, distill, generate, recovery, traindata
 from transact_edge.plan import WidthRequest
 from transact_edge.prune import PruneOptions, prune

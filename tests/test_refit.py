@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from transact_edge import plan, refit
 from transact_edge.salience import acts

@@ -14,7 +14,7 @@ from transact_edge.ggufmap import read_kv
 from transact_edge.ggufrope import from_gguf, llama3_divisors
 from transact_edge.loading import load
 
-from conftest import LLAMA3, tiny_model
+from helpers import LLAMA3, tiny_model
 
 LLAMA31 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}

@@ -3,7 +3,7 @@ import torch
 from transact_edge import salience
 from transact_edge.calibration import collect, hooked
 
-from conftest import tiny_model
+from helpers import tiny_model
 
 
 def test_head_score_is_mean_plus_alpha_max():

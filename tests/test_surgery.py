@@ -14,7 +14,7 @@ from transact_edge.errors import UserError
 from transact_edge.shapes import LayerShape, head_dim, layer_shapes
 from transact_edge.surgery import cut
 
-from conftest import TINY, tiny_model
+from helpers import TINY, tiny_model
 
 X = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(1))
 

@@ -11,7 +11,7 @@ from transact_edge.exporters.gguf_reference import rotate_half_rows
 from transact_edge.exporters.rounding import int8_blocks
 from transact_edge.ggufmap import from_llama_cpp, to_llama_cpp
 
-from conftest import LLAMA3, tiny_model
+from helpers import LLAMA3, tiny_model
 
 # rows that fill K-quants' super-blocks of 256 (q/k/v/o, gate/up take 256 columns, down 256 too)
 K_SHAPES = dict(hidden_size=256, head_dim=32, num_attention_heads=8, num_key_value_heads=2, intermediate_size=256,

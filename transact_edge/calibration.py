@@ -6,13 +6,14 @@ over every token of every batch: s_j^2 = sum_t a_j(t)^2. Nothing else is kept.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from transact_edge import memory
+from transact_edge.arch import HEAD_COLS, HEAD_ROWS, KV_ROWS, MHA_INPUT, MLP_COLS, MLP_INPUT, MLP_ROWS, projection
 from transact_edge.distributed import quiet
 
 
@@ -31,24 +32,28 @@ def accumulator(acc: torch.Tensor):
 
 
 @contextmanager
-def hooked(model) -> Stats:
-    """Hooks on every layer's transitional activations; removed on exit even after an error."""
-    layers = model.model.layers
-    device = next(model.parameters()).device  # sums stay where the activations are
-    stats = Stats(
-        mha=[torch.zeros(l.self_attn.o_proj.in_features, dtype=torch.float64, device=device) for l in layers],
-        mlp=[torch.zeros(l.mlp.down_proj.in_features, dtype=torch.float64, device=device) for l in layers],
-        tokens=0,
-    )
-    handles = []
-    for layer, mha, mlp in zip(layers, stats.mha, stats.mlp):
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(accumulator(mha)))
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(accumulator(mlp)))
+def hooked_layer(layer, device=None):
+    """(mha, mlp) float64 sums of squares of one layer's transitional activations (the inputs of o_proj and
+    down_proj), added to by every forward while the context lasts; the hooks are removed on exit."""
+    sums, handles = [], []
+    for name in (MHA_INPUT, MLP_INPUT):
+        module = projection(layer, name)
+        sums.append(torch.zeros(module.in_features, dtype=torch.float64, device=device))
+        handles.append(module.register_forward_pre_hook(accumulator(sums[-1])))
     try:
-        yield stats
+        yield tuple(sums)
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def hooked(model) -> Stats:
+    """Hooks on every layer's transitional activations; removed on exit even after an error."""
+    device = next(model.parameters()).device  # sums stay where the activations are
+    with ExitStack() as stack:
+        per_layer = [stack.enter_context(hooked_layer(layer, device)) for layer in model.model.layers]
+        yield Stats([mha for mha, _ in per_layer], [mlp for _, mlp in per_layer], 0)
 
 
 @torch.inference_mode()
@@ -79,9 +84,9 @@ def collect(model, windows: torch.Tensor, batch_size: int = 8, desc: str = "sali
     return Stats([m.cpu() for m in stats.mha], [f.cpu() for f in stats.mlp], stats.tokens)
 
 
-ROWS = {"q": ("self_attn", "q_proj"), "k": ("self_attn", "k_proj"), "v": ("self_attn", "v_proj"),
-        "gate": ("mlp", "gate_proj"), "up": ("mlp", "up_proj")}     # structures are rows of these
-COLS = {"o": ("self_attn", "o_proj"), "down": ("mlp", "down_proj")}  # and columns of these
+# structures are rows of these and columns of those; keyed q, k, v, gate, up / o, down
+ROWS = {name.removesuffix("_proj"): name for name in (*HEAD_ROWS, *KV_ROWS, *MLP_ROWS)}
+COLS = {name.removesuffix("_proj"): name for name in (*HEAD_COLS, *MLP_COLS)}
 
 
 def weight_products(model, fn=None, windows: torch.Tensor | None = None, batch_size: int = 8,
@@ -92,7 +97,7 @@ def weight_products(model, fn=None, windows: torch.Tensor | None = None, batch_s
     with a distributed.Group, over every process's share of the batches).
     """
     layers = model.model.layers
-    modules = lambda layer, table: {k: getattr(getattr(layer, a), b) for k, (a, b) in table.items()}  # noqa: E731
+    modules = lambda layer, table: {k: projection(layer, name) for k, name in table.items()}  # noqa: E731
     if windows is not None:
         device = next(model.parameters()).device
         flags = {p: p.requires_grad for p in model.parameters()}

@@ -1,10 +1,9 @@
-"""Facts shared by GGUF export and import: which llama.cpp architecture a checkpoint becomes, how
-its rope layout differs from transformers', and which metadata keys carry the shapes.
+"""Facts shared by GGUF export and import: how a checkpoint's rope layout differs from transformers',
+which metadata keys carry the shapes, TransAct's own keys, and a bounded reader of the header.
 
 llama.cpp's `llama` and `deci` graphs rotate adjacent pairs (NORM rope); transformers' Llama,
 Mistral and Qwen2 rotate halves (rotate_half). Q and K rows are therefore permuted on export with
-each layer's own head counts, and permuted back on import. llama.cpp's `qwen2` graph uses NEOX
-rope (halves), so a uniform Qwen2 keeps its rows as they are.
+each layer's own head counts, and permuted back on import (arch.GRAPHS says which graph does what).
 """
 from __future__ import annotations
 
@@ -13,12 +12,11 @@ import mmap
 import os
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
 
+from transact_edge.arch import GRAPHS, ROTARY
 from transact_edge.errors import UserError
 from transact_edge.shapes import LayerShape
-
-NORM_ROPE = {"llama", "deci"}     # architectures whose Q/K rows are permuted
-PER_LAYER_ARCH = "deci"           # the llama.cpp graph that honours per-layer head counts and FFN widths
 
 # transformers config field <- GGUF key (under the architecture's prefix); per-layer ones may be arrays.
 CONFIG_KEYS = {
@@ -32,18 +30,68 @@ CONFIG_KEYS = {
     "num_key_value_heads": "attention.head_count_kv",
 }
 
+# TransAct's own metadata, `transact.<name>`: name -> (value type, element type of an array). What the
+# pruning did, for llama.cpp consumers; and what our importer needs back (the family's classes, llama3
+# rope parameters). Written by add_ours, read by ours(name).
+OURS = "transact."
+_V = GGUFValueType
+TRANSACT_KEYS: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {
+    "family": (_V.STRING, None),              # the family whose classes a `deci` file loads into
+    "source": (_V.STRING, None),              # the model pruned
+    "shots": (_V.UINT32, None),
+    "calibration_tokens": (_V.UINT32, None),
+    "recovery_tokens": (_V.UINT64, None),
+    "dense_params": (_V.UINT64, None),
+    "n_head": (_V.ARRAY, _V.INT32),           # per layer
+    "n_kv_head": (_V.ARRAY, _V.INT32),
+    "ffn_dim": (_V.ARRAY, _V.INT32),
+    "rope.llama3.factor": (_V.FLOAT32, None),
+    "rope.llama3.low_freq_factor": (_V.FLOAT32, None),
+    "rope.llama3.high_freq_factor": (_V.FLOAT32, None),
+    "rope.llama3.original_context_length": (_V.UINT32, None),
+}
+
+
+def ours(name: str) -> str:
+    """The GGUF key of one of our names (`family` -> `transact.family`); KeyError for a name not in the table."""
+    if name not in TRANSACT_KEYS:
+        raise KeyError(f"{name!r} is not one of our GGUF keys (ggufmap.TRANSACT_KEYS)")
+    return OURS + name
+
+
+def add_ours(writer, name: str, value) -> None:
+    """One of our keys, of the type TRANSACT_KEYS gives it."""
+    writer.add_key_value(ours(name), value, *TRANSACT_KEYS[name])
+
+
+def rotary_rows(n_head: int, n_rows: int) -> np.ndarray:
+    """llama.cpp's rotary row order: row i of a Q or K in adjacent-pair layout is row rotary_rows[i] of the
+    rotate_half layout (pair (j, j + d/2) of each head of d rows becomes rows (2j, 2j + 1))."""
+    return np.arange(n_rows).reshape(n_head, 2, n_rows // n_head // 2).swapaxes(1, 2).reshape(-1)
+
 
 def to_llama_cpp(w: np.ndarray, n_head: int) -> np.ndarray:
     """Rows of Q or K (weight or bias) from rotate_half layout to adjacent pairs."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return w[rotary_rows(n_head, w.shape[0])]
 
 
 def from_llama_cpp(w: np.ndarray, n_head: int) -> np.ndarray:
     """The inverse of to_llama_cpp."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return w[np.argsort(rotary_rows(n_head, w.shape[0]))]
 
 
-def read_kv(path, prefix: str = "") -> list[tuple[str, object, int, int | None]]:
+def permute_qk(key: str, w: np.ndarray, shapes: list[LayerShape], back: bool = False) -> np.ndarray:
+    """A checkpoint tensor as a NORM-rope graph stores it: the rows of a layer's Q or K (weight or bias,
+    `model.layers.{i}.self_attn.{q,k}_proj.*`) in llama.cpp's rotary order with that layer's own head
+    count (back: from that order), any other tensor as it is."""
+    parts = key.split(".")
+    if len(parts) < 6 or parts[:2] != ["model", "layers"] or parts[4] not in ROTARY:
+        return w
+    n_head = getattr(shapes[int(parts[2])], ROTARY[parts[4]])
+    return from_llama_cpp(w, n_head) if back else to_llama_cpp(w, n_head)
+
+
+def read_kv(path, prefix: str = "") -> list[tuple[str, object, GGUFValueType, GGUFValueType | None]]:
     """(key, value, value type, array element type) of the metadata keys starting with `prefix`."""
     return [kv for kv in read_header(path)[0] if kv[0].startswith(prefix)]
 
@@ -84,32 +132,28 @@ class _Cursor:
         except UnicodeDecodeError:
             raise ValueError(f"{what} at byte {pos} is not UTF-8") from None
 
-    def vtype(self, what: str) -> int:
+    def vtype(self, what: str) -> GGUFValueType:
         v = self.number("<u4", what)
-        if v not in _NUMBERS and v not in (_STRING, _ARRAY):
+        if v not in _NUMBERS and v not in (GGUFValueType.STRING, GGUFValueType.ARRAY):
             raise ValueError(f"{what} {v} at byte {self.pos - 4} is not a GGUF value type")
-        return v
+        return GGUFValueType(v)
 
-    def value(self, vtype: int, key: str):
-        if vtype == _STRING:
+    def value(self, vtype: GGUFValueType, key: str):
+        if vtype == GGUFValueType.STRING:
             return self.string(f"value of {key}")
-        v = self.number(_NUMBERS[vtype], f"value of {key}")
-        return bool(v) if vtype == _BOOL else v
+        return self.number(_NUMBERS[vtype], f"value of {key}")
 
-    def array(self, sub: int, key: str) -> list:
-        if sub == _STRING:
+    def array(self, sub: GGUFValueType, key: str) -> list:
+        if sub == GGUFValueType.STRING:
             return [self.string(f"an element of {key}") for _ in range(self.count(8, f"length of {key}"))]
-        if sub == _ARRAY:
+        if sub == GGUFValueType.ARRAY:
             raise ValueError(f"{key}: arrays of arrays are not read")
         dt = np.dtype(_NUMBERS[sub])
         n = self.count(dt.itemsize, f"length of {key}")
         return np.frombuffer(self.buf, dt, n, self.take(n * dt.itemsize, key)).tolist()
 
 
-# GGUFValueType -> numpy format (UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, UINT64, INT64, FLOAT64)
-_NUMBERS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
-            12: "<f8"}
-_BOOL, _STRING, _ARRAY = 7, 8, 9
+_NUMBERS = {vtype: np.dtype(t).newbyteorder("<") for vtype, t in GGUFReader.gguf_scalar_to_np.items()}
 _MIN_KV, _MIN_TENSOR = 13, 32  # bytes of the smallest key-value pair and tensor info
 MAX_DIMS = 4                   # GGML_MAX_DIMS
 
@@ -132,7 +176,8 @@ def reader(path, mode: str = "r"):
     return _Reader(path, mode)
 
 
-def read_header(path) -> tuple[list[tuple[str, object, int, int | None]], list[tuple[str, tuple[int, ...], int]]]:
+def read_header(path) -> tuple[list[tuple[str, object, GGUFValueType, GGUFValueType | None]],
+                               list[tuple[str, tuple[int, ...], int]]]:
     """All metadata (key, value, value type, array element type) and tensor infos (name, shape, type).
 
     gguf.GGUFReader builds a numpy view per array element: ~6 s for a 49K-token vocabulary. This
@@ -165,7 +210,7 @@ def _parse(buf: memoryview):
     for _ in range(n_kv):
         key = c.string("a key")
         vtype = c.vtype(f"type of {_short(key)}")
-        if vtype == _ARRAY:
+        if vtype == GGUFValueType.ARRAY:
             sub = c.vtype(f"element type of {_short(key)}")
             out.append((key, c.array(sub, _short(key)), vtype, sub))
         else:
@@ -190,8 +235,6 @@ def _short(name: str) -> str:
 
 def _check_data(infos: list, alignment, header_end: int, size: int) -> None:
     """Every tensor's type is known and its data lies inside the file."""
-    import gguf
-
     if not isinstance(alignment, int) or alignment < 1 or alignment & (alignment - 1):
         raise ValueError(f"general.alignment {_short(repr(alignment))} is not a power of two")
     start = -(-header_end // alignment) * alignment
@@ -199,9 +242,9 @@ def _check_data(infos: list, alignment, header_end: int, size: int) -> None:
         raise ValueError("two tensors share a name")
     for full, shape, ttype, offset in infos:
         name = _short(full)
-        if ttype not in gguf.GGML_QUANT_SIZES:
+        if ttype not in GGML_QUANT_SIZES:
             raise ValueError(f"tensor {name} has unknown type {ttype}")
-        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
         if min(shape) < 1 or shape[0] % block:
             raise ValueError(f"tensor {name} has shape {list(shape)}, impossible for its type")
         end = start + offset + math.prod(shape) // block * type_size
@@ -245,7 +288,7 @@ def layer_shapes(meta: dict, tensors: dict[str, tuple[int, ...]]) -> tuple[list[
     k_len = _positive(meta.get(f"{arch}.attention.key_length", max(n_embd // max(n_head), 1)), "key_length")
     v_len = _positive(meta.get(f"{arch}.attention.value_length", k_len), "value_length")
     shapes = [LayerShape(*row) for row in zip(n_head, n_kv, ffn)]
-    if arch in CHECKED_ARCHS:
+    if arch in GRAPHS:  # the graphs we write and read: their weights' shapes are checked
         tokens = meta.get("tokenizer.ggml.tokens")
         n_vocab = len(tokens) if isinstance(tokens, list) else tensors.get("token_embd.weight", (0, 0))[-1]
         for name, want in _weight_shapes(shapes, n_embd, k_len, v_len, n_vocab).items():
@@ -254,9 +297,6 @@ def layer_shapes(meta: dict, tensors: dict[str, tuple[int, ...]]) -> tuple[list[
             if tensors.get(name, want) != want:
                 raise ValueError(f"tensor {name} has shape {list(tensors[name])}; the metadata implies {list(want)}")
     return shapes, k_len, v_len
-
-
-CHECKED_ARCHS = {"llama", "qwen2", "deci"}  # whose weight shapes layer_shapes checks
 
 
 def _weight_shapes(shapes: list[LayerShape], n_embd: int, k_len: int, v_len: int, n_vocab: int) -> dict:

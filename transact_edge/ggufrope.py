@@ -19,12 +19,13 @@ import math
 import numpy as np
 
 from transact_edge.errors import UserError
+from transact_edge.ggufmap import add_ours, ours
 
 ROPE_FREQS = "rope_freqs.weight"
-FREQ_FACTOR_ARCHS = {"llama", "deci"}   # llama.cpp graphs that load rope_freqs
-LLAMA3_KEYS = {  # transact.rope.llama3.<key> <- rope_parameters field
-    "factor": "factor", "low_freq_factor": "low_freq_factor", "high_freq_factor": "high_freq_factor",
-    "original_context_length": "original_max_position_embeddings"}
+LLAMA3_KEYS = {  # our key (ggufmap.TRANSACT_KEYS) <- rope_parameters field
+    "rope.llama3.factor": "factor", "rope.llama3.low_freq_factor": "low_freq_factor",
+    "rope.llama3.high_freq_factor": "high_freq_factor",
+    "rope.llama3.original_context_length": "original_max_position_embeddings"}
 LLAMA3_DEFAULTS = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                    "original_max_position_embeddings": 8192}
 
@@ -89,9 +90,7 @@ def add_keys(writer, params: dict) -> None:
             writer.add_rope_scaling_attn_factors(ratio)
     elif kind == "llama3":
         for key, field in LLAMA3_KEYS.items():
-            value = params[field]
-            (writer.add_uint32 if key == "original_context_length" else writer.add_float32)(
-                f"transact.rope.llama3.{key}", value)
+            add_ours(writer, key, params[field])
 
 
 def _mscale(factor: float, mscale: float = 1.0) -> float:
@@ -129,7 +128,7 @@ def from_gguf(meta: dict, arch: str, freqs: np.ndarray | None) -> dict:
 
 def _llama3_from_gguf(meta: dict, theta: float, freqs: np.ndarray) -> dict:
     """llama3 parameters from our keys, else fitted to the tensor; refused unless they reproduce it."""
-    stored = {field: meta.get(f"transact.rope.llama3.{key}") for key, field in LLAMA3_KEYS.items()}
+    stored = {field: meta.get(ours(key)) for key, field in LLAMA3_KEYS.items()}
     if all(v is not None for v in stored.values()):
         params = {"rope_type": "llama3", "rope_theta": theta, **stored}
     else:

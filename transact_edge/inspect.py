@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transact_edge.checkpoint import read_report
 from transact_edge.errors import UserError
-from transact_edge.ggufmap import layer_shapes as gguf_layer_shapes, read_header
+from transact_edge.ggufmap import OURS, layer_shapes as gguf_layer_shapes, read_header
 from transact_edge.loading import check_weights, read_config, reading, resolve
 from transact_edge.shapes import head_dim, kv_bytes_per_token, layer_shapes
 
@@ -21,7 +21,7 @@ def _gguf(path: Path) -> dict:
         shapes, hd, _ = gguf_layer_shapes(meta, {name: shape for name, shape, _ in tensors})
     except ValueError as e:
         raise UserError(f"{path}: not a model GGUF we read ({e})") from None
-    transact = {k: v for k, v in meta.items() if k.startswith("transact.")}
+    transact = {k: v for k, v in meta.items() if k.startswith(OURS)}
     types = {name: gguf.GGMLQuantizationType(t).name for name, _, t in tensors}
     return {"path": str(path), "format": "gguf", "architecture": meta["general.architecture"], "shapes": shapes,
             "head_dim": hd, "params": sum(math.prod(shape) for _, shape, _ in tensors), "transact": transact or None,

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transact_edge.arch import PER_LAYER_PREFIX, family_of
+from transact_edge.arch import FAMILIES, PER_LAYER_ARCH, PER_LAYER_FAMILY, PER_LAYER_PREFIX, family_of
 from transact_edge.checkpoint import atomic_dir, atomic_file
 from transact_edge.errors import UserError
 
@@ -113,7 +113,7 @@ def check_gguf(path: Path):
     gguf-py trusts the counts and shapes a file claims, so our bounded header reader and the shape
     check against the metadata go first: a hostile count is refused before gguf-py loops over it.
     """
-    from transact_edge.ggufmap import PER_LAYER_ARCH, layer_shapes, read_header, reader as gguf_reader
+    from transact_edge.ggufmap import layer_shapes, read_header, reader as gguf_reader
 
     kv, tensors = read_header(path)
     meta = {k: v for k, v, *_ in kv}
@@ -144,10 +144,11 @@ def check_hf_dir(path: Path) -> str:
 def _gguf_rope(reader, arch: str) -> dict:
     """rope_parameters of a GGUF: its rope keys and rope_freqs tensor (llama3 scaling), which
     transformers' GGUF loader ignores."""
+    from transact_edge.ggufmap import OURS
     from transact_edge.ggufrope import ROPE_FREQS, from_gguf
 
     meta = {k: f.contents() for k, f in reader.fields.items()
-            if k.startswith((f"{arch}.rope.", "transact.rope.")) or k == f"{arch}.context_length"}
+            if k.startswith((f"{arch}.rope.", f"{OURS}rope.")) or k == f"{arch}.context_length"}
     freqs = next((t.data for t in reader.tensors if t.name == ROPE_FREQS), None)
     return from_gguf(meta, arch, freqs)
 
@@ -168,7 +169,7 @@ def _load_deci(path: Path, reader, dtype: torch.dtype):
     import gguf
     from transformers import PreTrainedTokenizerFast
 
-    from transact_edge.ggufmap import CONFIG_KEYS, from_llama_cpp, layer_shapes
+    from transact_edge.ggufmap import CONFIG_KEYS, layer_shapes, ours, permute_qk
     from transact_edge.modeling import PER_LAYER_CLASSES, skeleton
     from transact_edge.shapes import GLOBAL_KEYS, PER_LAYER_KEYS
 
@@ -184,10 +185,10 @@ def _load_deci(path: Path, reader, dtype: torch.dtype):
           "rope_parameters": _gguf_rope(reader, "deci"),
           "bos_token_id": value("tokenizer.ggml.bos_token_id"), "eos_token_id": value("tokenizer.ggml.eos_token_id"),
           "dtype": dtype}
-    family = value("transact.family") or "llama"
-    if family == "llama":
-        d["attention_bias"] = "blk.0.attn_q.bias" in tensors
-    config_cls = PER_LAYER_CLASSES[family][0]
+    family = FAMILIES[value(ours("family")) or PER_LAYER_FAMILY]
+    if family.bias_switch:
+        d[family.bias_switch] = "blk.0.attn_q.bias" in tensors
+    config_cls = PER_LAYER_CLASSES[family.model_type][0]
     config = config_cls(**d)
     model = skeleton(config)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DECI, config.num_hidden_layers)
@@ -197,9 +198,7 @@ def _load_deci(path: Path, reader, dtype: torch.dtype):
             continue
         t = tensors[names.get_name(key, try_suffixes=(".weight", ".bias"))]
         w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
-        if ".q_proj." in key or ".k_proj." in key:
-            il = int(key.split(".")[2])
-            w = from_llama_cpp(w, shapes[il].n_head if ".q_proj." in key else shapes[il].n_kv_head)
+        w = permute_qk(key, w, shapes, back=True)  # deci rotates adjacent pairs (arch.GRAPHS)
         state[key] = torch.from_numpy(np.array(w, dtype=np.float32)).to(dtype)  # a writable copy
     model.load_state_dict(state, strict=False, assign=True)
     _set_rope(model, config.rope_parameters)  # non-persistent buffers are not in the file
@@ -210,8 +209,6 @@ def _load_deci(path: Path, reader, dtype: torch.dtype):
 
 def _load_gguf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from transact_edge.ggufmap import PER_LAYER_ARCH
 
     arch, reader = check_gguf(path)  # parsed once: GGUFReader takes seconds on a large vocabulary
     if arch == PER_LAYER_ARCH:

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from transact_edge.arch import MHA_INPUT, MLP_INPUT, projection
 from transact_edge.plan import LayerPlan
 from transact_edge.surgery import unit_rows
 
@@ -104,9 +105,9 @@ def layer0_inputs(model, windows: torch.Tensor, batch_size: int) -> list[tuple[t
 def _layer(layer, p: LayerPlan, head_dim: int, states: dict, group) -> dict:
     """Collect this layer's Grams on its inputs, pass the outputs on (in `states`), refit its weights.
     A module that loses no column needs no Gram: it stays as it is."""
-    device = layer.self_attn.o_proj.weight.device
-    modules = {"o_proj": (layer.self_attn.o_proj, unit_rows(p.heads, head_dim).to(device)),
-               "down_proj": (layer.mlp.down_proj, torch.tensor(p.channels, device=device))}
+    device = projection(layer, MHA_INPUT).weight.device
+    modules = {MHA_INPUT: (projection(layer, MHA_INPUT), unit_rows(p.heads, head_dim).to(device)),
+               MLP_INPUT: (projection(layer, MLP_INPUT), torch.tensor(p.channels, device=device))}
     record = {name: {"ridge": None, "nothing_cut": True} for name, (m, kept) in modules.items()
               if len(kept) == m.in_features}
     modules = {name: mk for name, mk in modules.items() if name not in record}

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from transact_edge import plan
-from transact_edge.calibration import Stats, accumulator
+from transact_edge.calibration import Stats, hooked_layer
 from transact_edge.checkpoint import REPORT, REPORT_FORMAT, atomic_dir
 from transact_edge.loading import check_finite, check_weights, load_tokenizer, reading
 from transact_edge.salience import from_stats
@@ -93,18 +93,13 @@ def collect_streamed(directory: Path, config, windows: torch.Tensor, batch_size:
     mha, mlp = [], []
     for il in tqdm(range(config.num_hidden_layers), desc="streamed salience", unit="layer", leave=False):
         layer = _load_layer(model, weights, il)
-        acc_mha = torch.zeros(layer.self_attn.o_proj.in_features, dtype=torch.float64)
-        acc_mlp = torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float64)
-        hooks = [layer.self_attn.o_proj.register_forward_pre_hook(accumulator(acc_mha)),
-                 layer.mlp.down_proj.register_forward_pre_hook(accumulator(acc_mlp))]
         out = torch.empty_like(hidden)
-        for i in range(0, hidden.shape[0], batch_size):
-            batch = hidden[i:i + batch_size]
-            out[i:i + batch_size] = layer(batch, attention_mask=None, position_ids=positions,
-                                          position_embeddings=tuple(c.expand(batch.shape[0], -1, -1).to(dtype)
-                                                                    for c in cos_sin))
-        for h in hooks:
-            h.remove()
+        with hooked_layer(layer) as (acc_mha, acc_mlp):
+            for i in range(0, hidden.shape[0], batch_size):
+                batch = hidden[i:i + batch_size]
+                out[i:i + batch_size] = layer(batch, attention_mask=None, position_ids=positions,
+                                              position_embeddings=tuple(c.expand(batch.shape[0], -1, -1).to(dtype)
+                                                                        for c in cos_sin))
         layer.to("meta")  # drop the weights before the next layer is read
         hidden = out
         mha.append(acc_mha)

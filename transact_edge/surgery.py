@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from transact_edge.arch import HEAD_COLS, HEAD_ROWS, KV_ROWS, MLP_COLS, MLP_ROWS
+from transact_edge.arch import HEAD_COLS, HEAD_ROWS, KV_ROWS, MLP_COLS, MLP_ROWS, module_of
 from transact_edge import memory
 from transact_edge.errors import UserError
 from transact_edge.modeling import assemble, config_for
@@ -43,13 +43,12 @@ def unit_rows(idx: list[int], width: int) -> torch.Tensor:
 
 def cut_layer(sd: dict, prefix: str, p: LayerPlan, hd: int) -> None:
     heads, kv, ch = unit_rows(p.heads, hd), unit_rows(p.kv_heads, hd), torch.tensor(p.channels)
-    # (module, projections, dimension cut, kept indices); biases follow their rows
-    cuts = [("self_attn", HEAD_ROWS, 0, heads), ("self_attn", KV_ROWS, 0, kv), ("self_attn", HEAD_COLS, 1, heads),
-            ("mlp", MLP_ROWS, 0, ch), ("mlp", MLP_COLS, 1, ch)]
-    for module, names, dim, idx in cuts:
+    # (projections, dimension cut, kept indices); biases follow their rows
+    cuts = [(HEAD_ROWS, 0, heads), (KV_ROWS, 0, kv), (HEAD_COLS, 1, heads), (MLP_ROWS, 0, ch), (MLP_COLS, 1, ch)]
+    for names, dim, idx in cuts:
         for n in names:
             for kind in ("weight", "bias") if dim == 0 else ("weight",):
-                key = f"{prefix}.{module}.{n}.{kind}"
+                key = f"{prefix}.{module_of(n)}.{n}.{kind}"
                 if key in sd:
                     sd[key] = sd[key].index_select(dim, idx.to(sd[key].device))
 

@@ -22,12 +22,12 @@ import torch
 from tqdm.auto import tqdm
 
 from transact_edge import importance
-from transact_edge.arch import family_of
+from transact_edge.arch import GRAPHS, PER_LAYER_ARCH, family_of
 from transact_edge.checkpoint import atomic_file, read_report, require_space
 from transact_edge.errors import UserError
 from transact_edge.exporters import imatrix, provenance, quantize
-from transact_edge.ggufmap import NORM_ROPE, PER_LAYER_ARCH, read_kv, to_llama_cpp
-from transact_edge.ggufrope import FREQ_FACTOR_ARCHS, ROPE_FREQS, add_keys, rope_freqs, scaling
+from transact_edge.ggufmap import add_ours, permute_qk, read_kv
+from transact_edge.ggufrope import ROPE_FREQS, add_keys, rope_freqs, scaling
 from transact_edge.loading import EMBEDDED, check_weights, embedded_gguf, read_config, reading, resolve
 from transact_edge.lock import claim
 from transact_edge.shapes import LayerShape, config_params, head_dim, is_uniform, layer_shapes
@@ -168,9 +168,8 @@ def write(directory: Path, config, source_gguf: Path | None, path: Path, outtype
     writer.write_ti_data_to_file()
     for f, key, qtype in tqdm(plan, desc=f"writing {path.name}", unit="tensor", leave=False):
         data = f.get_tensor(key).to(torch.float32).numpy()
-        if arch in NORM_ROPE and (".q_proj." in key or ".k_proj." in key):
-            il = int(key.split(".")[2])
-            data = to_llama_cpp(data, shapes[il].n_head if ".q_proj." in key else shapes[il].n_kv_head)
+        if GRAPHS[arch].norm_rope:
+            data = permute_qk(key, data, shapes)
         writer.write_tensor_data(gguf.quants.quantize(data, qtype))
     if freqs is not None:
         writer.write_tensor_data(freqs)
@@ -180,11 +179,11 @@ def write(directory: Path, config, source_gguf: Path | None, path: Path, outtype
 def _architecture(config, shapes: list[LayerShape]) -> str:
     """The family's own llama.cpp graph for uniform widths it can run, else the per-layer `deci` (also
     for llama3 rope scaling in a graph that does not load rope_freqs: qwen2)."""
-    family = family_of(config.model_type)
+    arch = family_of(config.model_type).gguf_arch
     narrow = shapes[0].n_head * head_dim(config) != config.hidden_size
-    freqs = scaling(config)["rope_type"] == "llama3" and family.gguf_arch not in FREQ_FACTOR_ARCHS
-    own = is_uniform(shapes) and (family.gguf_narrow or not narrow) and not freqs
-    return family.gguf_arch if own else PER_LAYER_ARCH
+    freqs = scaling(config)["rope_type"] == "llama3" and not GRAPHS[arch].rope_freqs
+    own = is_uniform(shapes) and (GRAPHS[arch].narrow or not narrow) and not freqs
+    return arch if own else PER_LAYER_ARCH
 
 
 def _metadata(writer, config, shapes: list[LayerShape], outtype: str, report: dict | None) -> None:
@@ -208,15 +207,15 @@ def _metadata(writer, config, shapes: list[LayerShape], outtype: str, report: di
     add_keys(writer, scaling(config))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_string("transact.family", family_of(config.model_type).model_type)  # our importer's classes
+    add_ours(writer, "family", family_of(config.model_type).model_type)  # our importer's classes
     if report:  # what was done, for llama.cpp consumers
-        writer.add_string("transact.source", str(report["source"]["model"]))
-        writer.add_uint32("transact.shots", report["options"]["shots"])
-        writer.add_uint32("transact.calibration_tokens", report["calibration"]["tokens"])
-        writer.add_uint64("transact.recovery_tokens", report["options"]["train_tokens"])
-        writer.add_uint64("transact.dense_params", report["dense"]["params"])
+        add_ours(writer, "source", str(report["source"]["model"]))
+        add_ours(writer, "shots", report["options"]["shots"])
+        add_ours(writer, "calibration_tokens", report["calibration"]["tokens"])
+        add_ours(writer, "recovery_tokens", report["options"]["train_tokens"])
+        add_ours(writer, "dense_params", report["dense"]["params"])
         for field in ("n_head", "n_kv_head", "ffn_dim"):
-            writer.add_array(f"transact.{field}", [getattr(s, field) for s in shapes])
+            add_ours(writer, field, [getattr(s, field) for s in shapes])
 
 
 def _tensor_infos(writer, files: list, config, arch: str, wanted) -> list[tuple]:

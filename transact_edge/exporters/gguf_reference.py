@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from transact_edge.arch import GRAPHS, ROTARY
 from transact_edge.exporters.rounding import rtn_error
-from transact_edge.ggufmap import NORM_ROPE, reader as gguf_reader
+from transact_edge.ggufmap import reader as gguf_reader
 from transact_edge.shapes import head_dim, layer_shapes
 
 WEIGHT_MULTIPLE = 4.0   # a row read back may differ from the model's by this many times its type's rounding
@@ -89,8 +90,7 @@ def _unpermute(key: str, data: np.ndarray, config) -> np.ndarray:
     """Q/K rows (weight or bias) back from adjacent pairs to rotate_half, with the layer's own head count."""
     il = int(key.split(".")[2])
     shape = layer_shapes(config)[il]
-    n = shape.n_head if ".q_proj." in key else shape.n_kv_head
-    return data[rotate_half_rows(n, head_dim(config))]
+    return data[rotate_half_rows(getattr(shape, ROTARY[key.split(".")[-2]]), head_dim(config))]
 
 
 def read_back(model: torch.nn.Module, gguf_path: Path) -> FileModel:
@@ -111,7 +111,7 @@ def read_back(model: torch.nn.Module, gguf_path: Path) -> FileModel:
                 continue
             used.add(t.name)
             data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(p.shape).astype(np.float32)
-            if arch in NORM_ROPE and (".q_proj." in key or ".k_proj." in key):
+            if GRAPHS[arch].norm_rope and key.split(".")[-2] in ROTARY:
                 data = _unpermute(key, data, model.config)
             own = p.detach().numpy().reshape(-1, p.shape[-1])
             err = np.linalg.norm(data.reshape(own.shape) - own, axis=-1)
