@@ -152,7 +152,7 @@ class Record:
 
     def finish(self, pruned: dict, plan: dict, seconds: dict[str, float]) -> None:
         """The pruned shapes (shapes.summary), the plan and the stage times, once the last shot is done."""
-        self.pruned, self.plan = _of(Shapes, pruned), plan
+        self.pruned, self.plan, self.schema = _of(Shapes, pruned), plan, SCHEMA  # (a resumed run's may be older)
         self.timings.seconds |= seconds
 
     def made(self) -> dict:
