@@ -65,7 +65,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         report = prune(PruneOptions(model=a.model, out=Path(tmp) / "out", widths=plan.WidthRequest(kv_heads=2, mlp_ratio=0.5),
-                                    calib_samples=a.calib_samples, seq_len=a.seq_len, batch_size=a.batch_size))
+                                    calib_samples=a.calib_samples, seq_len=a.seq_len,
+                                    batch_size=a.batch_size)).to_json()
     result = {
         "machine": machine(),
         "model": a.model, "calibration": {"windows": a.calib_samples, "seq_len": a.seq_len, "batch_size": a.batch_size},

@@ -42,7 +42,8 @@ def probe(model: str, calib_samples: int, seq_len: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         report = prune(PruneOptions(model=model, out=Path(tmp) / "out", device="cpu", seq_len=seq_len, batch_size=1,
                                     calib_samples=calib_samples,
-                                    widths=plan.WidthRequest(kv_heads=config.num_key_value_heads // 2, mlp_ratio=0.5)))
+                                    widths=plan.WidthRequest(kv_heads=config.num_key_value_heads // 2,
+                                                             mlp_ratio=0.5))).to_json()
     fp32 = report["dense"]["params"] * 4 / 2**20
     peak = peak_rss_mib()
     return {"model": model, "params": report["dense"]["params"], "config_params": config_params(config),

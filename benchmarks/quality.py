@@ -91,7 +91,7 @@ def run_one(r: Run, scale: dict, device: str, work: Path, eval_ids, seed: int) -
                         train_tokens=scale["train_tokens"], calib_samples=r.calib_samples or scale["calib_samples"],
                         seq_len=scale["seq_len"], batch_size=scale["batch_size"], seed=seed, force=True,
                         device=device)
-    report = prune(opts)
+    report = prune(opts).to_json()  # the record as transact.json holds it
     model = load(str(opts.out)).model.to(resolve_device(device))
     ppl = perplexity(model, eval_ids, window=512, max_tokens=scale["eval_tokens"], batch_size=scale["batch_size"])
     row = {"group": r.group, "name": r.name, **asdict(r), "key": r.key(scale), "options": opts.fingerprint(),

@@ -126,7 +126,7 @@ def test_prune_replays_a_plan_on_a_sibling_checkpoint(tiny_llama_dir, tmp_path, 
     base = ["--kv-heads", "1", "--mlp-ratio", "0.5", "--calib-samples", "2", "--seq-len", "32"]
     assert main(["prune", "--model", str(tiny_llama_dir), *base, "--drop-layers", "1", "--out", str(tmp_path / "a")]) == 0
     made = json.loads((tmp_path / "a" / "transact.json").read_text())
-    assert made["format"] == "transact-edge/2" and made["plan"]["version"] == 1
+    assert made["format"] == "transact-edge/3" and made["plan"]["version"] == 1
     assert main(["prune", "--model", str(sibling), "--plan", str(tmp_path / "a"), "--out", str(tmp_path / "b")]) == 0
     replayed = json.loads((tmp_path / "b" / "transact.json").read_text())
     for key in ("kv_heads", "heads", "channels", "layers"):

@@ -169,15 +169,15 @@ def _opts(src, out, **kw) -> PruneOptions:
 
 def test_kd_and_lm_recovery_report_what_they_did(tiny_llama_dir, tmp_path):
     kd = prune(_opts(tiny_llama_dir, tmp_path / "kd", schedule="final", drop_layers=1))
-    rec = kd["shots"][-1]["recovery"]
+    rec = kd.shots[-1].recovery
     assert rec["loss"] == "kd" and rec["teacher"]["params"] > 0 and rec["validation"]
     assert rec["data"][0]["source"] == "wiki" and rec["data"][0]["tokens_read"] > 0
-    assert kd["shots"][0]["depth"]["dropped"] and kd["pruned"]["layers"].__len__() == 2
-    assert kd["plan"]["layers"] == [il for il in range(3) if il not in kd["shots"][0]["depth"]["dropped"]]
+    assert kd.shots[0].depth["dropped"] and len(kd.pruned.layers) == 2
+    assert kd.plan["layers"] == [il for il in range(3) if il not in kd.shots[0].depth["dropped"]]
     # final: 20% / 80% of 768 tokens, in whole steps of 2 x 64 tokens (at least one)
-    assert [s["recovery"]["tokens"] for s in kd["shots"]] == [128, 512]
+    assert [s.recovery["tokens"] for s in kd.shots] == [128, 512]
     lm = prune(_opts(tiny_llama_dir, tmp_path / "lm", recovery="lm"))
-    assert "teacher" not in lm["shots"][-1]["recovery"] and lm["shots"][-1]["recovery"]["loss"] == "lm"
+    assert "teacher" not in lm.shots[-1].recovery and lm.shots[-1].recovery["loss"] == "lm"
 
 
 def test_resume_inside_a_shot_gives_the_uninterrupted_weights(tiny_llama_dir, tmp_path, monkeypatch):
@@ -239,8 +239,8 @@ def test_a_mixture_with_teacher_samples_trains_and_reports_both_sources(tiny_lla
     monkeypatch.setattr(generate, "CACHE", tmp_path / "cache")
     report = prune(_opts(tiny_llama_dir, tmp_path / "out", train_data="wiki@1,generated@3", gen_tokens=512,
                          gen_len=32, shots=1))
-    assert report["generated"]["sampled_tokens"] == 512 and not report["generated"]["cached"]
-    data = {d["source"]: d for d in report["shots"][0]["recovery"]["data"]}
+    assert report.recovery.generated["sampled_tokens"] == 512 and not report.recovery.generated["cached"]
+    data = {d["source"]: d for d in report.shots[0].recovery["data"]}
     assert set(data) == {"wiki", "generated"} and data["generated"]["weight"] == 0.75
     assert data["generated"]["tokens_read"] > data["wiki"]["tokens_read"] > 0
     assert len(list((tmp_path / "cache" / "generated").iterdir())) == 1

@@ -1,5 +1,6 @@
 """Layer-streamed pruning gives the in-memory path's statistics, kept indices and weights."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -24,20 +25,23 @@ def _weights(directory):
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_streamed_prune_equals_in_memory(tiny_dir, tmp_path, per_layer):
     widths = WidthRequest(kv_heads=1, mlp_ratio=0.5)
-    ref = prune(PruneOptions(model=str(tiny_dir), out=tmp_path / "mem", widths=widths, per_layer=per_layer,
-                             calib_samples=4, seq_len=32, batch_size=2))
+    opts = PruneOptions(model=str(tiny_dir), out=tmp_path / "mem", widths=widths, per_layer=per_layer,
+                        calib_samples=4, seq_len=32, batch_size=2)
+    ref = prune(opts)
     windows = corpus.windows(corpus.stream(load(str(tiny_dir)).tokenizer, "wiki", "train"), 32, 4)
     before = own_peak_rss_mib()
-    got = prune_streamed(tiny_dir, tmp_path / "streamed", widths, windows, batch_size=2, per_layer=per_layer)
+    got = prune_streamed(tiny_dir, replace(opts, out=tmp_path / "streamed", stream=True), windows)
     for key in ("kv_heads", "heads", "channels"):
-        assert got["plan"][key] == ref["plan"][key], key
-    assert got["pruned"]["layers"] == ref["pruned"]["layers"]
+        assert got.plan[key] == ref.plan[key], key
+    assert got.pruned == ref.pruned and got.calibration == ref.calibration and got.dense == ref.dense
+    assert got.options == ref.options | {"stream": True}  # one shape: the resume fingerprint of both
+    assert got.shots[0].row_lengths == ref.shots[0].row_lengths and got.plan["made"] == ref.plan["made"]
     a, b = _weights(tmp_path / "mem"), _weights(tmp_path / "streamed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     on_disk = json.loads((tmp_path / "streamed" / "transact.json").read_text())
-    assert on_disk == json.loads(json.dumps(got))  # written once, before the rename, complete
-    assert before <= got["peak_rss_mib"] <= own_peak_rss_mib()  # this process's VmHWM while it ran
-    assert got["seconds"]["total"] >= got["seconds"]["salience"]
+    assert on_disk == json.loads(json.dumps(got.to_json())) and on_disk["format"] == "transact-edge/3"
+    assert before <= got.timings.peak_rss_mib <= own_peak_rss_mib()  # this process's VmHWM while it ran
+    assert got.timings.seconds["total"] >= got.timings.seconds["salience"]
     x = torch.randint(0, 1000, (1, 16))
     m1, m2 = load(str(tmp_path / "mem")).model, load(str(tmp_path / "streamed")).model
     assert torch.equal(m1(input_ids=x).logits, m2(input_ids=x).logits)

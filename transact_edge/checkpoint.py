@@ -4,13 +4,12 @@ umask, not mkdtemp's 0700 or mkstemp's 0600, which a server running as another u
 keeping the execute bits its writer set (a compiled tool stays 0755), then rename it into place. On any error, or an interrupt, the temporary sibling is removed.
 
 A pruned checkpoint is what `save_pretrained` writes (safetensors, config.json, tokenizer files)
-plus `transact.json`, the record of what was done.
+plus `transact.json`, the record of what was done (record.py).
 """
 from __future__ import annotations
 
 import errno
 import fnmatch
-import json
 import os
 import re
 import resource
@@ -23,8 +22,6 @@ from typing import Iterator
 
 from transact_edge.errors import UserError
 
-REPORT = "transact.json"
-REPORT_FORMAT = "transact-edge/2"  # 2: what is kept as a replayable `plan` (plan.Plan); 1 had `kept`, still read
 HOLD = "TRANSACT_EDGE_HOLD_PUBLISH"  # a glob of final paths: stop (SIGSTOP) with the temporary written, before the rename
 
 
@@ -164,23 +161,7 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save(directory: Path, model, tokenizer, report: dict | None = None) -> None:
-    """save_pretrained (safetensors) of model and tokenizer, plus transact.json."""
+def save(directory: Path, model, tokenizer) -> None:
+    """save_pretrained (safetensors) of model and tokenizer."""
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
-    if report is not None:
-        (directory / REPORT).write_text(json.dumps(report, indent=1))
-
-
-def read_report(directory: Path) -> dict | None:
-    """transact.json of a pruned checkpoint (None when absent); one line when it is not a report we wrote."""
-    path = directory / REPORT
-    if not path.is_file():
-        return None
-    try:
-        report = json.loads(path.read_bytes())
-        if not isinstance(report["source"]["model"], str) or not isinstance(report["options"], dict):
-            raise TypeError("source.model or options of the wrong type")
-    except (ValueError, KeyError, TypeError, RecursionError) as e:
-        raise UserError(f"{path}: not a transact.json report ({type(e).__name__}: {e})") from None
-    return report

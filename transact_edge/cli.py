@@ -55,7 +55,7 @@ def cmd_prune(a: argparse.Namespace) -> int:
         return distributed.launch(a.launcher, processes, a.argv)
     report = prune(opts)
     if os.environ.get("RANK", "0") == "0":  # under a launcher, process 0 speaks for all
-        print(_summary_table({"dense": report["dense"], "pruned": report["pruned"]}, report))
+        print(_summary_table(report))
         data = _data_line(report)
         if data:
             print(data)
@@ -63,27 +63,27 @@ def cmd_prune(a: argparse.Namespace) -> int:
     return 0
 
 
-def _summary_table(rows: dict, report: dict) -> str:
+def _summary_table(report) -> str:
+    """Dense and pruned widths, sizes and perplexities of a record.Record, as a markdown table."""
     lines = ["| model | params | heads / KV heads | MLP | KV bytes/token (f16) | perplexity |",
              "|---|---:|---|---|---:|---:|"]
-    for name, s in rows.items():
-        layers = s["layers"]
-        heads = sorted({(l["n_head"], l["n_kv_head"]) for l in layers})
-        mlp = sorted({l["ffn_dim"] for l in layers})
-        ppl = report.get(f"perplexity_{'before' if name == 'dense' else 'after'}")
-        lines.append(f"| {name} | {s['params']:,} | {', '.join(f'{h}/{k}' for h, k in heads)} | "
-                     f"{mlp[0] if len(mlp) == 1 else f'{mlp[0]}..{mlp[-1]}'} | {s['kv_bytes_per_token_f16']:,} | "
+    rows = {"dense": (report.dense, report.evaluation.before), "pruned": (report.pruned, report.evaluation.after)}
+    for name, (s, ppl) in rows.items():
+        heads = sorted({(l["n_head"], l["n_kv_head"]) for l in s.layers})
+        mlp = sorted({l["ffn_dim"] for l in s.layers})
+        lines.append(f"| {name} | {s.params:,} | {', '.join(f'{h}/{k}' for h, k in heads)} | "
+                     f"{mlp[0] if len(mlp) == 1 else f'{mlp[0]}..{mlp[-1]}'} | {s.kv_bytes_per_token_f16:,} | "
                      + (f"{ppl['ppl']:.2f} |" if ppl else "- |"))
-    ppl = report.get("perplexity_after")
+    ppl = report.evaluation.after
     if ppl:
         lines.append(f"\nperplexity protocol: {ppl['text']}, window {ppl['window']}, stride {ppl['stride']}, "
                      f"{ppl['tokens']} tokens scored")
     return "\n".join(lines)
 
 
-def _data_line(report: dict) -> str | None:
+def _data_line(report) -> str | None:
     """How much of each recovery source was read: repeated epochs are where LM loss memorises."""
-    recovered = [s["recovery"] for s in report.get("shots", []) if s.get("recovery", {}).get("data")]
+    recovered = [s.recovery for s in report.shots if (s.recovery or {}).get("data")]
     if not recovered:
         return None
     parts = [f"{d['source']} {d['tokens_read']:,} tokens" + (f" ({d['epochs']:.1f} epochs)" if d["epochs"] else "")
@@ -103,10 +103,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
     loaded = load(a.path)
     if a.chat_agreement:
         from transact_edge.chat import agreement
-        from transact_edge.checkpoint import read_report
+        from transact_edge import record
 
-        ref = a.chat_agreement if a.chat_agreement != "source" else (
-            (read_report(Path(a.path)) or {}).get("source", {}).get("model") if Path(a.path).is_dir() else None)
+        made = record.read(Path(a.path)) if Path(a.path).is_dir() else None
+        ref = a.chat_agreement if a.chat_agreement != "source" else (made.source.model if made else None)
         if not ref:
             raise UserError(f"--chat-agreement: {a.path} records no source model; name the reference model")
         result = agreement(loaded.model, load(ref).model, loaded.tokenizer)
@@ -190,7 +190,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
           f"in {opts.shots} shots{' with the refit at each cut' if opts.reconstruct else ''}, {opts.train_tokens} "
           f"recovery tokens, writing {opts.out}", flush=True)
     report = prune(opts)
-    print(_summary_table({"dense": report["dense"], "pruned": report["pruned"]}, report))
+    print(_summary_table(report))
 
     from transact_edge.exporters.gguf import GGUFExportOptions, export, verify
     from transact_edge.loading import load

@@ -8,6 +8,7 @@ import torch
 from transact_edge import distill, distributed, generate, runstate, traindata
 from transact_edge.loading import load
 from transact_edge.options import PruneOptions, gen_options
+from transact_edge.record import Record
 
 
 def needs_teacher(opts: PruneOptions, sources: list[traindata.Source]) -> bool:
@@ -15,7 +16,7 @@ def needs_teacher(opts: PruneOptions, sources: list[traindata.Source]) -> bool:
 
 
 def setup(opts: PruneOptions, student, tok, calib_ids: torch.Tensor, device: torch.device,
-          group: distributed.Group | None, report: dict):
+          group: distributed.Group | None, report: Record):
     """The teacher (frozen, once per process), the training mixture and the held-apart validation windows."""
     sources = traindata.parse(opts.train_data or opts.calib)
     teacher = None
@@ -30,7 +31,8 @@ def setup(opts: PruneOptions, student, tok, calib_ids: torch.Tensor, device: tor
             path, stats = generate.ensure(teacher.model, calib_ids, tok.eos_token_id, gen_options(opts))
             if group is not None and group.main:
                 runstate.wait(group)
-            report.setdefault("generated", stats | {"file": str(path)})
+            if report.recovery.generated is None:  # (a resumed run keeps the first sampling's)
+                report.recovery.generated = stats | {"file": str(path)}
             streams.append(traindata.TokenStream(src.name, opts.seq_len, tokens=path, seed=opts.seed))
         else:
             streams.append(traindata.TokenStream(src.name, opts.seq_len, tok, seed=opts.seed))

@@ -5,7 +5,7 @@ import json
 import math
 from pathlib import Path
 
-from transact_edge.checkpoint import read_report
+from transact_edge import record
 from transact_edge.errors import UserError
 from transact_edge.ggufmap import OURS, layer_shapes as gguf_layer_shapes, read_header
 from transact_edge.loading import check_weights, read_config, reading, resolve
@@ -44,10 +44,9 @@ def _hf(path: Path) -> dict:
                     for d in shape:
                         n *= d
                     params += n
-    report = read_report(path)
     return {"path": str(path), "format": "safetensors", "architecture": config.model_type,
             "shapes": layer_shapes(config), "head_dim": head_dim(config), "params": params,
-            "transact": {"source": report["source"], "options": report["options"]} if report else None}
+            "record": record.read(path)}
 
 
 def describe(source: str, kv_ctx: int = 0) -> dict:
@@ -83,7 +82,18 @@ def render(info: dict) -> str:
                       f"(K {kv['k_mib']:.2f} + V {kv['v_mib']:.2f}); per-layer sum: {kv['expected_mib']:.2f} MiB"]
     if info.get("transact"):
         lines += ["", "transact: " + json.dumps(info["transact"], default=str)]
+    if info.get("record"):
+        lines += ["", _record_line(info["record"])]
     return "\n".join(lines)
+
+
+def _record_line(r: record.Record) -> str:
+    """What transact.json says was done (inspect --json prints all of it)."""
+    recovered = sum((s.recovery or {}).get("tokens", 0) for s in r.shots)
+    how = "replayed " + r.replayed["plan"] if r.replayed else f"{len(r.shots)} shot(s), metric {r.options.get('metric')}"
+    return (f"{record.FILE} ({r.schema}): pruned from {r.source.model} ({r.source.model_type}), {how}, "
+            f"{r.calibration.tokens} calibration tokens, {recovered:,} recovery tokens, "
+            f"parameters {r.dense.params} -> {r.pruned.params if r.pruned else None}")
 
 
 def _type_table(types: dict[str, str], n_layer: int) -> list[str]:
@@ -102,4 +112,6 @@ def _type_table(types: dict[str, str], n_layer: int) -> list[str]:
 
 def as_json(info: dict) -> str:
     d = dict(info, shapes=[s.as_dict() for s in info["shapes"]])
+    if info.get("record"):  # transact.json as the record writes it, schema (`format`) included
+        d["record"] = info["record"].to_json()
     return json.dumps(d, indent=1, default=str)

@@ -20,13 +20,13 @@ attn_output's = heads x head_dim) is a multiple of 256 where the model has room 
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from transact_edge import record
 from transact_edge.errors import UserError
 from transact_edge.salience import Scores
 from transact_edge.shapes import LayerShape
@@ -273,26 +273,17 @@ class Plan:
         return cls(**{k: d[k] for k in ("kv_heads", "heads", "channels", "layers", "source", "made")})
 
     @classmethod
-    def from_report(cls, report: dict) -> "Plan":
-        """The plan of a transact.json, also of the first format (then its `kept` section)."""
-        if "plan" in report:
-            return cls.from_json(report["plan"])
-        kept, dense = report["kept"], report["dense"]["layers"]
-        options = report.get("options", {})
-        return cls(kept["kv_heads"], kept["heads"], kept["channels"], kept.get("layers") or list(range(len(dense))),
-                   {k: report["source"].get(k) for k in ("model", "model_type")} | {"layers": dense},
-                   {k: options.get(k) for k in ("metric", "shots", "seed", "per_layer")}
-                   | {"calibration": report.get("calibration")})
-
-    @classmethod
     def load(cls, path: Path) -> "Plan":
-        """The plan of a transact.json file, or of the directory holding one."""
-        file = path / "transact.json" if path.is_dir() else path
+        """The plan of a transact.json file (any format record.py reads), or of the directory holding one."""
+        file = path / record.FILE if path.is_dir() else path
         try:
-            return cls.from_report(json.loads(file.read_text()))
+            kept = record.read_file(file).plan
+            if kept is None:
+                raise KeyError("plan")
+            return cls.from_json(kept)
         except FileNotFoundError:
             raise UserError(f"--plan {path}: no such file (give a transact.json or the directory of one)") from None
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise UserError(f"--plan {file}: not a transact-edge plan ({type(e).__name__}: {e})") from None
 
 

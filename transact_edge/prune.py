@@ -19,9 +19,10 @@ from typing import Any
 import torch
 
 from transact_edge import corpus, depth, distributed, heal, importance, lock, plan, recovery, refit, runstate, salience
-from transact_edge.checkpoint import REPORT_FORMAT, atomic_dir, check_output, require_space, save
+from transact_edge.checkpoint import atomic_dir, check_output, require_space, save
 from transact_edge.errors import UserError
 from transact_edge.options import PruneOptions, recovery_options, validate
+from transact_edge.record import Calibration, Record, Shot
 from transact_edge.evaluate import perplexity
 from transact_edge.loading import check_weights, load, load_tokenizer, read_config, resolve
 from transact_edge.shapes import config_params, count_params, head_dim, layer_shapes, summary, widths_line
@@ -69,8 +70,8 @@ def check(opts: PruneOptions, processes: int = 1) -> None:
         require_space(opts.out.absolute().parent, copies * 4 * config_params(config), "pruning this model")
 
 
-def prune(opts: PruneOptions) -> dict:
-    """Run the whole schedule and write opts.out; returns the report also saved as transact.json.
+def prune(opts: PruneOptions) -> Record:
+    """Run the whole schedule and write opts.out; returns the record also saved as transact.json.
 
     Started by a launcher (distributed.py), every process runs this with the same options.
     """
@@ -87,13 +88,13 @@ def prune(opts: PruneOptions) -> dict:
 
 @dataclass
 class _Run:
-    """An in-memory prune as it goes: the model, the plan of what it keeps, the report, the partial directory."""
+    """An in-memory prune as it goes: the model, the plan of what it keeps, the record, the partial directory."""
     opts: PruneOptions
     group: distributed.Group | None
     model: Any
     tok: Any
     kept: plan.Plan
-    report: dict
+    report: Record
     partial: Path
     start: int = 0          # the first shot still to run
     state: dict = field(default_factory=dict)  # of the checkpoint resumed from
@@ -105,10 +106,10 @@ class _Run:
         return self.group is None or self.group.main
 
     def state_of(self, **more) -> dict:
-        return {"options": self.opts.fingerprint(), "plan": self.kept.to_json(), "report": self.report, **more}
+        return {"options": self.opts.fingerprint(), "plan": self.kept.to_json(), "report": self.report.to_json(), **more}
 
 
-def _prune(opts: PruneOptions, group: distributed.Group | None) -> dict:
+def _prune(opts: PruneOptions, group: distributed.Group | None) -> Record:
     t = time.perf_counter()
     loaded = load(opts.model)
     device = group.device if group is not None else resolve_device(opts.device)
@@ -145,33 +146,29 @@ def _resume(opts: PruneOptions, group: distributed.Group | None, model, tok, dev
     log.info("resuming %s shot %d of %d from %s", "inside" if live else "after", start, opts.shots, partial)
     del model
     model = load(str(partial / (runstate.LIVE if live else f"shot-{start}"))).model.to(device)
-    return _Run(opts, group, model, tok, plan.Plan.from_json(state["plan"]), state["report"], partial, start, state,
-                bool(live))
+    return _Run(opts, group, model, tok, plan.Plan.from_json(state["plan"]), Record.from_json(state["report"]), partial,
+                start, state, bool(live))
 
 
 def _begin(opts: PruneOptions, group, model, tok, path: Path, calib: torch.Tensor, seconds: dict) -> _Run:
-    """A fresh run: the dense model's plan (keeps everything) and report."""
-    source = {"model": opts.model, "path": str(path), "model_type": model.config.model_type}
-    calibration = {"corpus": opts.calib, "windows": int(calib.shape[0]), "seq_len": opts.seq_len,
-                   "tokens": int(calib.numel())}
-    made = {"metric": opts.metric, "shots": opts.shots, "seed": opts.seed, "per_layer": opts.per_layer,
-            "calibration": calibration, "drop_layers": opts.drop_layers}
-    kept = plan.Plan.dense(layer_shapes(model.config), {k: source[k] for k in ("model", "model_type")}, made)
-    report = {"format": REPORT_FORMAT, "source": source, "options": opts.fingerprint(), "calibration": calibration,
-              "dense": _shape_summary(model), "shots": [], "seconds": {}}
+    """A fresh run: the dense model's plan (keeps everything) and record."""
+    report = Record.begin(opts.fingerprint(), opts.model, path, model.config.model_type,
+                          Calibration.of(opts.calib, calib), _shape_summary(model))
+    kept = plan.Plan.dense(layer_shapes(model.config), {"model": opts.model, "model_type": model.config.model_type},
+                           report.made())
     run = _Run(opts, group, model, tok, kept, report, runstate.partial_dir(opts.out))
     if run.main:
         shutil.rmtree(run.partial, ignore_errors=True)
     if group is not None:
-        report["distributed"] = {"processes": group.world, "backend": group.backend, "sharding": opts.sharding}
+        report.recovery.distributed = {"processes": group.world, "backend": group.backend, "sharding": opts.sharding}
     if opts.plan:
         run.replay = plan.Plan.load(Path(opts.plan))
         run.replay.check_source(layer_shapes(model.config), f"--plan {opts.plan}")
-        report["replayed"] = {"plan": opts.plan, "made_from": run.replay.source.get("model")}
+        report.replayed = {"plan": opts.plan, "made_from": run.replay.source.get("model")}
         run.kept.made = run.replay.made
     if opts.eval and run.main:
         t = time.perf_counter()
-        report["perplexity_before"] = _eval(model, tok, opts).as_dict()
+        report.evaluation.before = _eval(model, tok, opts).as_dict()
         seconds["eval_before"] = time.perf_counter() - t
     return run
 
@@ -181,9 +178,9 @@ def _shot(run: _Run, shot: int, calib: torch.Tensor, budget: int, teacher, data,
     opts, group = run.opts, run.group
     resuming = run.live and shot == run.start
     if resuming:  # cut already, recovery under way
-        record = run.state["record"]
+        record = Shot.from_json(run.state["record"])
     else:
-        record = {"shot": shot + 1}
+        record = Shot(shot + 1)
         if run.replay is not None:
             run.model = _replay(run, run.replay, record, calib)
         else:
@@ -193,37 +190,38 @@ def _shot(run: _Run, shot: int, calib: torch.Tensor, budget: int, teacher, data,
     if budget > 0:
         world = group.world if group is not None else 1
         steps = max(1, budget // (opts.seq_len * opts.batch_size * world))
-        save = runstate.live_saver(run.partial, run.model, run.tok, run.state_of(shot=shot + 1, record=record), group)
-        run.model, record["recovery"] = recovery.train(
+        save = runstate.live_saver(run.partial, run.model, run.tok, run.state_of(shot=shot + 1, record=record.to_json()),
+                                   group)
+        run.model, record.recovery = recovery.train(
             run.model, data, steps, recovery_options(opts), teacher=teacher, val=val,
             desc=f"shot {shot + 1}/{opts.shots} recovery ({opts.recovery})", group=group, sharding=opts.sharding,
             resume=run.partial / runstate.LIVE if resuming else None, save=save)
-    run.report["shots"].append(record)
+    run.report.shots.append(record)
     t = time.perf_counter()
     if run.main:
         runstate.checkpoint(run.partial, shot + 1, run.model, run.tok,
                             run.state_of(**({"data": data.state()} if data else {})))
         shutil.rmtree(run.partial / runstate.LIVE, ignore_errors=True)
     runstate.wait(group)
-    record["checkpoint_seconds"] = time.perf_counter() - t
+    record.checkpoint_seconds = time.perf_counter() - t
 
 
-def _finish(run: _Run, seconds: dict) -> dict:
-    """Measure, write the output directory (process 0), return the report."""
+def _finish(run: _Run, seconds: dict) -> Record:
+    """Measure, write the output directory (process 0), return the record."""
     report, opts = run.report, run.opts
-    report["pruned"] = _shape_summary(run.model)
-    report["plan"] = run.kept.to_json()
     if opts.eval and run.main:
         t = time.perf_counter()
-        report["perplexity_after"] = _eval(run.model, run.tok, opts).as_dict()
+        report.evaluation.after = _eval(run.model, run.tok, opts).as_dict()
         seconds["eval_after"] = time.perf_counter() - t
-    stage = lambda key: sum(s.get(key, 0.0) for s in report["shots"])  # noqa: E731
-    seconds |= {"salience": stage("salience_seconds"), "surgery": stage("surgery_seconds"),
-                "recovery": sum(s.get("recovery", {}).get("seconds", 0.0) for s in report["shots"])}
-    report["seconds"] = report.get("seconds", {}) | seconds
+    shots = report.shots
+    seconds |= {"salience": sum(s.salience_seconds or 0.0 for s in shots),
+                "surgery": sum(s.surgery_seconds or 0.0 for s in shots),
+                "recovery": sum((s.recovery or {}).get("seconds", 0.0) for s in shots)}
+    report.finish(_shape_summary(run.model), run.kept.to_json(), seconds)
     if run.main:
         with atomic_dir(opts.out, opts.force) as tmp:
-            save(tmp, run.model, run.tok, report)
+            save(tmp, run.model, run.tok)
+            report.write(tmp)
             if opts.imatrix and importance.is_gguf(Path(opts.imatrix)):  # the pruned model's, for export --imatrix
                 importance.cut_to(Path(opts.imatrix), tmp / "imatrix.gguf", run.kept.layer_plans(),
                                   head_dim(run.model.config), "cut to the kept columns by transact-edge prune "
@@ -233,7 +231,7 @@ def _finish(run: _Run, seconds: dict) -> dict:
     return report
 
 
-def _replay(run: _Run, replay: plan.Plan, record: dict, calib: torch.Tensor):
+def _replay(run: _Run, replay: plan.Plan, record: Shot, calib: torch.Tensor):
     """The saved plan's cut, applied to this model of the same shapes: no scores, and no calibration
     unless the cut is refit."""
     t = time.perf_counter()
@@ -241,7 +239,7 @@ def _replay(run: _Run, replay: plan.Plan, record: dict, calib: torch.Tensor):
     if replay.dropped():
         model = depth.drop(model, replay.dropped())
         run.kept.drop_layers(replay.dropped())
-        record["depth"] = {"dropped": replay.dropped(), "replayed": True}
+        record.depth = {"dropped": replay.dropped(), "replayed": True}
     plans = replay.layer_plans()
     if run.opts.reconstruct:
         log.info("--plan with --reconstruct: calibrating on %d windows of %r for the refit", calib.shape[0],
@@ -249,35 +247,35 @@ def _replay(run: _Run, replay: plan.Plan, record: dict, calib: torch.Tensor):
         _refit(model, plans, calib, run.opts, run.group, record)
     model = cut(model, plans, consume=True)
     run.kept.apply(plans)
-    record |= {"replayed": True, "surgery_seconds": time.perf_counter() - t,
-               "widths": [p.shape.as_dict() for p in plans]}
+    record.replayed, record.surgery_seconds = True, time.perf_counter() - t
+    record.widths = [p.shape.as_dict() for p in plans]
     log.info("replayed %s: %s", run.opts.plan, widths_line([p.shape for p in plans]))
     return model
 
 
 def _refit(model, plans: list[plan.LayerPlan], calib: torch.Tensor, opts: PruneOptions,
-           group: distributed.Group | None, record: dict) -> None:
+           group: distributed.Group | None, record: Shot) -> None:
     """--reconstruct: refit the kept columns of o_proj and down_proj before the cut takes them."""
-    record["refit"] = refit.refit(model, plans, calib, head_dim(model.config), opts.batch_size, group)
-    modules = [m for layer in record["refit"]["layers"] for m in layer.values() if "nothing_cut" not in m]
+    record.refit = refit.refit(model, plans, calib, head_dim(model.config), opts.batch_size, group)
+    modules = [m for layer in record.refit["layers"] for m in layer.values() if "nothing_cut" not in m]
     chosen = [m["ridge"] for m in modules]
     log.info("refit %d of %d cut modules in %.0f s (ridge strengths %s)", sum(r is not None for r in chosen), len(chosen),
-             record["refit"]["seconds"], sorted({r for r in chosen if r is not None}))
+             record.refit["seconds"], sorted({r for r in chosen if r is not None}))
 
 
-def _drop_layers(model, calib: torch.Tensor, opts: PruneOptions, kept: plan.Plan, record: dict):
+def _drop_layers(model, calib: torch.Tensor, opts: PruneOptions, kept: plan.Plan, record: Shot):
     """ShortGPT depth pruning: the layers of least block influence go before any width is cut."""
     t = time.perf_counter()
     influence = depth.block_influence(model, calib, opts.batch_size)
     dropped = depth.choose(influence, opts.drop_layers)
-    record["depth"] = {"block_influence": influence.tolist(), "dropped": [kept.layers[il] for il in dropped],
-                       "seconds": time.perf_counter() - t}
+    record.depth = {"block_influence": influence.tolist(), "dropped": [kept.layers[il] for il in dropped],
+                    "seconds": time.perf_counter() - t}
     kept.drop_layers(dropped)
-    log.info("dropped layers %s (least block influence)", record["depth"]["dropped"])
+    log.info("dropped layers %s (least block influence)", record.depth["dropped"])
     return depth.drop(model, dropped)
 
 
-def _cut(model, calib: torch.Tensor, shot: int, opts: PruneOptions, kept: plan.Plan, record: dict,
+def _cut(model, calib: torch.Tensor, shot: int, opts: PruneOptions, kept: plan.Plan, record: Shot,
          group: distributed.Group | None):
     """Score the current model and cut it one shot closer to the final widths."""
     shapes = layer_shapes(model.config)
@@ -286,12 +284,12 @@ def _cut(model, calib: torch.Tensor, shot: int, opts: PruneOptions, kept: plan.P
     t = time.perf_counter()
     if opts.imatrix:
         scores = salience.from_stats(importance.stats(Path(opts.imatrix), model.config), shapes)
-        record["salience_from"] = opts.imatrix
+        record.salience_from = opts.imatrix
     else:
         scores = salience.METRICS[opts.metric](model, calib, shapes, opts.batch_size, opts.seed * 1000 + shot,
                                                group=group)
-    record["salience_seconds"] = time.perf_counter() - t
-    record["salience_tokens_per_s"] = calib.numel() / record["salience_seconds"]
+    record.salience_seconds = time.perf_counter() - t
+    record.salience_tokens_per_s = calib.numel() / record.salience_seconds
     new_shapes = (plan.per_layer_widths(scores, shapes, uniform, opts.widths.round_to) if opts.per_layer
                   else [uniform] * len(shapes))
     plans = plan.select(scores, shapes, new_shapes)
@@ -299,18 +297,18 @@ def _cut(model, calib: torch.Tensor, shot: int, opts: PruneOptions, kept: plan.P
         _refit(model, plans, calib, opts, group, record)
     t = time.perf_counter()
     model = cut(model, plans, consume=True)
-    record["surgery_seconds"] = time.perf_counter() - t
+    record.surgery_seconds = time.perf_counter() - t
     kept.apply(plans)
-    record["widths"] = [s.as_dict() for s in new_shapes]
-    record["row_lengths"] = plan.row_lengths(new_shapes, head_dim(model.config))  # what quantizer blocks must divide
-    record["salience"] = [{"metric": opts.metric, "heads": h.tolist(), "kv_groups": g.tolist(),
+    record.widths = [s.as_dict() for s in new_shapes]
+    record.row_lengths = plan.row_lengths(new_shapes, head_dim(model.config))  # what quantizer blocks must divide
+    record.salience = [{"metric": opts.metric, "heads": h.tolist(), "kv_groups": g.tolist(),
                            "mlp_channels": salience.summary(c)}
                           for h, g, c in zip(scores.heads, scores.groups, scores.channels)]
     log.info("shot %d/%d: %s", shot + 1, opts.shots, widths_line(new_shapes))
     return model
 
 
-def _prune_streamed(opts: PruneOptions) -> dict:
+def _prune_streamed(opts: PruneOptions) -> Record:
     """One TransAct shot, layer by layer from a safetensors directory (models larger than memory)."""
     from transact_edge.stream import prune_streamed
 
@@ -326,7 +324,7 @@ def _prune_streamed(opts: PruneOptions) -> dict:
     plan.target(_widest(layer_shapes(config)), opts.widths, head_dim(config))
     tok = load_tokenizer(path)
     windows = corpus.windows(corpus.stream(tok, opts.calib, "train"), opts.seq_len, opts.calib_samples)
-    return prune_streamed(path, opts.out, opts.widths, windows, opts.batch_size, opts.per_layer)
+    return prune_streamed(path, opts, windows)
 
 
 def _eval(model, tok, opts: PruneOptions):

@@ -23,12 +23,14 @@ from tqdm.auto import tqdm
 
 from transact_edge import plan
 from transact_edge.calibration import Stats, hooked_layer
-from transact_edge.checkpoint import REPORT, REPORT_FORMAT, atomic_dir
+from transact_edge.checkpoint import atomic_dir
 from transact_edge.loading import check_finite, check_weights, load_tokenizer, reading
 from transact_edge.salience import from_stats
 from transact_edge.shapes import LayerShape, count_params, head_dim, layer_shapes, summary
 from transact_edge.memory import own_peak_rss_mib
 from transact_edge.modeling import config_for, skeleton
+from transact_edge.options import PruneOptions
+from transact_edge.record import Calibration, Record, Shot
 from transact_edge.surgery import cut_layer
 
 log = logging.getLogger(__name__)
@@ -110,7 +112,7 @@ def collect_streamed(directory: Path, config, windows: torch.Tensor, batch_size:
     return Stats(mha, mlp, windows.numel())
 
 
-def write_pruned(directory: Path, out: Path, config, plans: list[plan.LayerPlan], report: dict, start: float) -> None:
+def write_pruned(directory: Path, out: Path, config, plans: list[plan.LayerPlan], report: Record, start: float) -> None:
     """The pruned checkpoint, shard by shard, tokenizer and transact.json included (atomic; the report's
     total time and peak memory are taken last, before the directory is published)."""
     weights = Weights(directory)
@@ -148,40 +150,33 @@ def write_pruned(directory: Path, out: Path, config, plans: list[plan.LayerPlan]
             (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
         new_config.save_pretrained(tmp)
         load_tokenizer(directory).save_pretrained(tmp)
-        report["seconds"]["total"] = time.perf_counter() - start
-        report["peak_rss_mib"] = own_peak_rss_mib()
-        (tmp / REPORT).write_text(json.dumps(report, indent=1))
+        report.timings.seconds["total"] = time.perf_counter() - start
+        report.timings.peak_rss_mib = own_peak_rss_mib()
+        report.write(tmp)
 
 
-def prune_streamed(directory: Path, out: Path, widths: plan.WidthRequest, windows: torch.Tensor,
-                   batch_size: int = 4, per_layer: bool = False) -> dict:
-    """One TransAct shot over a checkpoint directory in bounded memory; returns transact.json."""
+def prune_streamed(directory: Path, opts: PruneOptions, windows: torch.Tensor) -> Record:
+    """One TransAct shot over a checkpoint directory in bounded memory (into opts.out); returns its record."""
     from transformers import AutoConfig
 
     start = time.perf_counter()
     config = AutoConfig.from_pretrained(directory)
     check_weights(directory, config)  # before any layer is read: the config must describe these weights
-    shapes = layer_shapes(config)
+    shapes, hd = layer_shapes(config), head_dim(config)
     widest = max(shapes, key=lambda s: (s.n_head, s.ffn_dim))
-    uniform = plan.target(widest, widths, head_dim(config))
-    stats = collect_streamed(directory, config, windows, batch_size)
-    scores = from_stats(stats, shapes)
-    new = plan.per_layer_widths(scores, shapes, uniform, widths.round_to) if per_layer else [uniform] * len(shapes)
+    uniform = plan.target(widest, opts.widths, hd)
+    report = Record.begin(opts.fingerprint(), opts.model, directory, config.model_type,
+                          Calibration.of(opts.calib, windows), summary(shapes, hd, _params(config)))
+    scores = from_stats(collect_streamed(directory, config, windows, opts.batch_size), shapes)
+    new = (plan.per_layer_widths(scores, shapes, uniform, opts.widths.round_to) if opts.per_layer
+           else [uniform] * len(shapes))
     plans = plan.select(scores, shapes, new)
-    kept = plan.Plan.dense(shapes, {"model": str(directory), "model_type": config.model_type},
-                           {"metric": "acts", "shots": 1, "seed": 0, "per_layer": per_layer,
-                            "calibration": {"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
-                                            "tokens": int(windows.numel())}})
+    kept = plan.Plan.dense(shapes, {"model": opts.model, "model_type": config.model_type}, report.made())
     kept.apply(plans)
-    hd, new = head_dim(config), [p.shape for p in plans]
-    report = {"format": REPORT_FORMAT, "source": {"model": str(directory), "path": str(directory),
-                                                  "model_type": config.model_type},
-              "options": {"widths": widths.__dict__, "per_layer": per_layer, "shots": 1, "train_tokens": 0,
-                          "metric": "acts", "streamed": True},
-              "calibration": kept.made["calibration"],
-              "dense": summary(shapes, hd, _params(config)),
-              "pruned": summary(new, hd, _params(config_for(config, new))),
-              "plan": kept.to_json(), "seconds": {"salience": time.perf_counter() - start}}
-    write_pruned(directory, out, config, plans, report, start)
-    log.info("streamed prune: %s", ", ".join(f"{LayerShape(**s)}" for s in report["pruned"]["layers"][:3]))
+    new = [p.shape for p in plans]
+    report.shots.append(Shot(1, widths=[s.as_dict() for s in new], row_lengths=plan.row_lengths(new, hd)))
+    report.finish(summary(new, hd, _params(config_for(config, new))), kept.to_json(),
+                  {"salience": time.perf_counter() - start})
+    write_pruned(directory, opts.out, config, plans, report, start)
+    log.info("streamed prune: %s", ", ".join(f"{LayerShape(**s)}" for s in report.pruned.layers[:3]))
     return report

@@ -21,15 +21,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from transact_edge import importance
+from transact_edge import importance, record
 from transact_edge.arch import GRAPHS, PER_LAYER_ARCH, family_of
-from transact_edge.checkpoint import atomic_file, read_report, require_space
+from transact_edge.checkpoint import atomic_file, require_space
 from transact_edge.errors import UserError
 from transact_edge.exporters import imatrix, provenance, quantize
 from transact_edge.ggufmap import add_ours, permute_qk, read_kv
 from transact_edge.ggufrope import ROPE_FREQS, add_keys, rope_freqs, scaling
 from transact_edge.loading import EMBEDDED, check_weights, embedded_gguf, read_config, reading, resolve
 from transact_edge.lock import claim
+from transact_edge.record import Record
 from transact_edge.shapes import LayerShape, config_params, head_dim, is_uniform, layer_shapes
 
 log = logging.getLogger(__name__)
@@ -67,9 +68,9 @@ def default_outfile(checkpoint: Path, outtype: str) -> Path:
     return checkpoint.parent / f"{checkpoint.name}-{outtype}.gguf"
 
 
-def _source_gguf(report: dict | None, source: str) -> Path | None:
+def _source_gguf(report: Record | None, source: str) -> Path | None:
     """The GGUF file the checkpoint's weights came from, if any: its tokenizer is copied verbatim."""
-    name = report["source"]["model"] if report else source
+    name = report.source.model if report else source
     if name in EMBEDDED:
         return embedded_gguf(name)
     if name.endswith(".gguf") and Path(name).is_file():
@@ -135,7 +136,7 @@ def _stored(qtype, shape: tuple[int, ...]) -> tuple[tuple[int, ...], object]:
     return gguf.quants.quant_shape_to_byte_shape(shape, qtype), np.uint8
 
 
-def write(directory: Path, config, source_gguf: Path | None, path: Path, outtype: str, report: dict | None) -> None:
+def write(directory: Path, config, source_gguf: Path | None, path: Path, outtype: str, report: Record | None) -> None:
     """Write the checkpoint in `directory` as GGUF to `path`, one tensor at a time (not atomic by itself).
 
     Tensors stream from the safetensors files: read, permuted, quantized and written one by one,
@@ -186,7 +187,7 @@ def _architecture(config, shapes: list[LayerShape]) -> str:
     return arch if own else PER_LAYER_ARCH
 
 
-def _metadata(writer, config, shapes: list[LayerShape], outtype: str, report: dict | None) -> None:
+def _metadata(writer, config, shapes: list[LayerShape], outtype: str, report: Record | None) -> None:
     """Shapes (per layer as arrays when they differ), rope, norm, file type; and what TransAct did."""
     import gguf
 
@@ -209,11 +210,11 @@ def _metadata(writer, config, shapes: list[LayerShape], outtype: str, report: di
     writer.add_vocab_size(config.vocab_size)
     add_ours(writer, "family", family_of(config.model_type).model_type)  # our importer's classes
     if report:  # what was done, for llama.cpp consumers
-        add_ours(writer, "source", str(report["source"]["model"]))
-        add_ours(writer, "shots", report["options"]["shots"])
-        add_ours(writer, "calibration_tokens", report["calibration"]["tokens"])
-        add_ours(writer, "recovery_tokens", report["options"]["train_tokens"])
-        add_ours(writer, "dense_params", report["dense"]["params"])
+        add_ours(writer, "source", report.source.model)
+        add_ours(writer, "shots", report.options["shots"])
+        add_ours(writer, "calibration_tokens", report.calibration.tokens)
+        add_ours(writer, "recovery_tokens", report.options["train_tokens"])
+        add_ours(writer, "dense_params", report.dense.params)
         for field in ("n_head", "n_kv_head", "ffn_dim"):
             add_ours(writer, field, [getattr(s, field) for s in shapes])
 
@@ -250,7 +251,7 @@ def export(opts: GGUFExportOptions) -> Path:
         raise UserError(f"{opts.checkpoint}: already a GGUF file; export takes a checkpoint directory")
     config = read_config(opts.checkpoint)
     check_weights(directory, config)  # the config must describe these weights before it drives anything
-    report = read_report(directory)
+    report = record.read(directory)
     out = Path(opts.outfile) if opts.outfile else default_outfile(Path(opts.checkpoint), q.outtype)
     if not out.parent.is_dir():
         raise UserError(f"{out.parent}: output's parent directory does not exist")

@@ -12,6 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from transact_edge.ggufmap import read_kv
+from transact_edge.record import Record
 
 BASE_FIELDS = ("name", "author", "version", "organization", "description", "url", "doi", "uuid", "repo_url")
 
@@ -38,7 +39,7 @@ def of_source(directory: Path | None, gguf_file: Path | None, params: int):
     return Metadata.load(None, directory if directory is not None and directory.is_dir() else None, None, params)
 
 
-def for_export(directory: Path, source_gguf: Path | None, report: dict | None, params: int):
+def for_export(directory: Path, source_gguf: Path | None, report: Record | None, params: int):
     """The metadata of the file written from `directory`: its own for a dense checkpoint; for a pruned
     one, the source's license and basename, its own size label, and the source as base model 0."""
     from gguf.utility import size_label
@@ -49,8 +50,8 @@ def for_export(directory: Path, source_gguf: Path | None, report: dict | None, p
         meta.name = meta.name or directory.name
         meta.size_label = meta.size_label or label
         return meta
-    source_name = str(report["source"]["model"])
-    src = of_source(Path(report["source"].get("path", source_name)), source_gguf, 0)
+    source_name = report.source.model
+    src = of_source(Path(report.source.path or source_name), source_gguf, 0)
     base = {k: getattr(src, k) for k in BASE_FIELDS if getattr(src, k) is not None} or {"name": source_name}
     meta = type(src)()  # a new record: sampling defaults and the like belong to the source's card
     meta.basename = src.basename or Path(source_name).name
