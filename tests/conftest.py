@@ -19,6 +19,7 @@ from transact_edge import corpus, plan
 from transact_edge.calibration import collect
 from transact_edge.checkpoint import save
 from transact_edge.loading import load
+from transact_edge.record import Calibration, Record, Shapes, Source
 from transact_edge.salience import from_stats
 from transact_edge.shapes import LayerShape, is_uniform, layer_shapes
 from transact_edge.surgery import cut
@@ -65,9 +66,9 @@ def pruned_dirs(smollm2, tmp_path_factory):
     for name, widths in (("uniform", [uni] * len(shapes)),
                          ("per_layer", plan.per_layer_widths(stats, shapes, uni, round_to=32))):
         path = tmp_path_factory.mktemp(name)
-        report = {"source": {"model": "smollm2-135m"}, "options": {"shots": 1, "train_tokens": 0},
-                  "calibration": {"tokens": ids.numel()}, "dense": {"params": 134515008}}
-        save(path, cut(model, plan.select(stats, shapes, widths)), smollm2.tokenizer, report)
+        save(path, cut(model, plan.select(stats, shapes, widths)), smollm2.tokenizer)
+        Record(Source("smollm2-135m"), {"shots": 1, "train_tokens": 0}, Calibration.of("wiki", ids),
+               Shapes(layers=[], params=134515008)).write(path)
         out[name] = path
     assert not is_uniform(layer_shapes(load(str(out["per_layer"])).model.config))
     return out
