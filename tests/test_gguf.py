@@ -169,12 +169,13 @@ def _faulty(monkeypatch, fault: str) -> None:
     """One way an exporter can be wrong, planted for the duration of a test."""
     from transact_edge.exporters import gguf as exporter
 
-    permute, rope, infos = exporter.to_llama_cpp, exporter._rope_theta, exporter._tensor_infos
+    permute, rope, infos = exporter.permute_qk, exporter._rope_theta, exporter._tensor_infos
     eps = gguf.GGUFWriter.add_layer_norm_rms_eps
     if fault == "q/k rows unpermuted":
-        monkeypatch.setattr(exporter, "to_llama_cpp", lambda w, n: w)
+        monkeypatch.setattr(exporter, "permute_qk", lambda key, w, shapes, back=False: w)
     elif fault == "q/k bias unpermuted":
-        monkeypatch.setattr(exporter, "to_llama_cpp", lambda w, n: w if w.ndim == 1 else permute(w, n))
+        monkeypatch.setattr(exporter, "permute_qk",
+                            lambda key, w, shapes, back=False: w if w.ndim == 1 else permute(key, w, shapes, back))
     elif fault == "bias dropped":
         class NoBias:
             def __init__(self, f):
