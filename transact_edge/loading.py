@@ -113,7 +113,7 @@ def check_gguf(path: Path):
     gguf-py trusts the counts and shapes a file claims, so our bounded header reader and the shape
     check against the metadata go first: a hostile count is refused before gguf-py loops over it.
     """
-    from transact_edge.ggufmap import layer_shapes, read_header, reader as gguf_reader
+    from transact_edge.ggufmap import PlainReader, layer_shapes, read_header
 
     kv, tensors = read_header(path)
     meta = {k: v for k, v, *_ in kv}
@@ -121,7 +121,7 @@ def check_gguf(path: Path):
         family_of(str(meta.get("general.architecture")))
     with reading(path, "not a model GGUF we read"):
         layer_shapes(meta, {name: shape for name, shape, _ in tensors})
-        reader = gguf_reader(path)
+        reader = PlainReader(path)
         arch = reader.get_field("general.architecture").contents()
     return arch, reader
 

@@ -26,7 +26,7 @@ import torch
 
 from transact_edge.arch import GRAPHS, ROTARY
 from transact_edge.exporters.rounding import rtn_error
-from transact_edge.ggufmap import reader as gguf_reader
+from transact_edge.ggufmap import PlainReader
 from transact_edge.shapes import head_dim, layer_shapes
 
 WEIGHT_MULTIPLE = 4.0   # a row read back may differ from the model's by this many times its type's rounding
@@ -97,7 +97,7 @@ def read_back(model: torch.nn.Module, gguf_path: Path) -> FileModel:
     """A float32 copy of `model` whose parameters are the file's tensors, and how far each is from the model's."""
     import gguf
 
-    reader = gguf_reader(gguf_path)
+    reader = PlainReader(gguf_path)
     arch = str(reader.get_field("general.architecture").contents())
     tensors = {t.name: t for t in reader.tensors}
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], model.config.num_hidden_layers)
